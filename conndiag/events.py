@@ -1,0 +1,248 @@
+"""structlog events: one per query, and one per connection opened, closed, stale or failing.
+
+Event names and field names are a stable, documented schema (README, "Log events"): alerts
+and dashboards are built on them. conndiag logs through ``structlog.get_logger(LOGGER_NAME)``
+and never configures structlog for the application.
+
+Routine per-query events (``conndiag.query``) are emitted at ``QUERY_LOG_LEVEL`` and can be
+switched off (``LOG_QUERIES``), sampled (``QUERY_LOG_SAMPLE_RATE``) or filtered by level;
+the level check is cached for a second so a filtered event costs almost nothing. Anomalies
+(flagged and refused queries, errors, stale connections, failed connects) are always emitted.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from typing import TYPE_CHECKING, Any
+
+import structlog
+
+from . import threads
+from .policy import explain
+from .records import ACTION_LABELS
+
+if TYPE_CHECKING:
+    from .conf import Config
+    from .records import Diagnosis, Query
+    from .scope import RequestScope
+    from .state import ConnState
+    from .threads import ThreadInfo
+
+QUERY = "conndiag.query"
+QUERY_FLAGGED = "conndiag.query.flagged"
+QUERY_REFUSED = "conndiag.query.refused"
+QUERY_FAILED = "conndiag.query.failed"
+CONNECTION_OPENED = "conndiag.connection.opened"
+CONNECTION_CLOSED = "conndiag.connection.closed"
+CONNECTION_STALE = "conndiag.connection.stale"
+CONNECTION_FAILED = "conndiag.connection.failed"
+SERVER_FACTS = "conndiag.server.facts"
+INTERNAL_ERROR = "conndiag.internal_error"
+
+#: every event name conndiag emits
+EVENTS = (
+    QUERY,
+    QUERY_FLAGGED,
+    QUERY_REFUSED,
+    QUERY_FAILED,
+    CONNECTION_OPENED,
+    CONNECTION_CLOSED,
+    CONNECTION_STALE,
+    CONNECTION_FAILED,
+    SERVER_FACTS,
+    INTERNAL_ERROR,
+)
+
+#: close reasons logged at warning level (the others are routine, at info)
+WARN_CLOSE_REASONS = frozenset({"abandoned", "unusable", "health_check_failed", "replaced_stale"})
+
+_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
+           "error": logging.ERROR}
+_LEVEL_CACHE_SECONDS = 1.0
+
+
+def _r(value: float | None) -> float | None:
+    return None if value is None else round(value, 6)
+
+
+def thread_fields(info: ThreadInfo) -> dict[str, Any]:
+    return {
+        "thread_name": info.name,
+        "thread_ident": info.ident,
+        "thread_native_id": info.native_id,
+        "pid": threads.pid(),
+    }
+
+
+def request_fields(rs: RequestScope | None) -> dict[str, Any]:
+    if rs is None:
+        return {"request_id": None, "request_method": None, "request_path": None, "view": None,
+                "request_returned_s": None}
+    return {
+        "request_id": rs.request_id,
+        "request_method": rs.method,
+        "request_path": rs.path,
+        "view": rs.view_name(),
+        "request_returned_s": _r(rs.returned_ago()),
+    }
+
+
+def connection_fields(state: ConnState, now: float | None = None) -> dict[str, Any]:
+    now = time.perf_counter() if now is None else now
+    return {
+        "alias": state.alias,
+        "vendor": state.vendor,
+        "connection_id": state.server_id,
+        "connection_age_s": _r(state.age(now)),
+        "connection_queries": state.queries,
+        "connection_pid": state.pid,
+        "connection_thread": state.opened_by.name,
+        "conn_max_age_state": state.conn_max_age_state,
+        "conn_max_age_s": state.conn_max_age,
+        "health_checks": state.health_checks,
+        "wait_timeout_s": state.wait_timeout,
+    }
+
+
+class EventLog:
+    """The structlog recorder."""
+
+    __slots__ = ("_enabled", "_enabled_until", "_level", "_level_no", "_logger_name", "config")
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self._logger_name = config.logger_name
+        self._level = config.query_log_level
+        self._level_no = _LEVELS[self._level]
+        self._enabled = False
+        self._enabled_until = 0.0
+
+    # -- helpers ---------------------------------------------------------------------------
+
+    def _log(self, level: str, event: str, **fields: Any) -> None:
+        getattr(structlog.get_logger(self._logger_name), level)(event, **fields)
+
+    def query_events_enabled(self) -> bool:
+        """Whether a routine query event would be emitted at all (cached for a second)."""
+        now = time.monotonic()
+        if now >= self._enabled_until:
+            self._enabled = self.config.log_queries and level_enabled(
+                self._logger_name, self._level_no
+            )
+            self._enabled_until = now + _LEVEL_CACHE_SECONDS
+        return self._enabled
+
+    def _query_fields(self, q: Query) -> dict[str, Any]:
+        fields = connection_fields(q.state)
+        fields.update(thread_fields(q.info))
+        fields.update(request_fields(q.scope))
+        fields["context"] = q.context
+        fields["action"] = ACTION_LABELS[q.action]
+        fields["allowed"] = q.allowed
+        fields["connection_idle_s"] = _r(q.idle)
+        fields["recycle_in_s"] = _r(q.state.recycle_in(q.db))
+        fields["duration_s"] = _r(q.duration)
+        if q.action == "raise":
+            outcome = "refused"
+        elif q.error is not None:
+            outcome = "error"
+        else:
+            outcome = "ok"
+        fields["outcome"] = outcome
+        fields["many"] = q.many
+        config = self.config
+        if config.log_sql:
+            sql = q.sql if isinstance(q.sql, str) else repr(q.sql)
+            limit = config.sql_max_length
+            fields["sql"] = sql if len(sql) <= limit else sql[:limit] + "..."
+            if config.log_sql_params and not q.many:
+                fields["params"] = repr(q.params)[:limit]
+        if q.diagnosis is not None:
+            fields["error_class"] = q.diagnosis.error_class
+            fields["error_code"] = q.diagnosis.code
+            fields["cause"] = q.diagnosis.cause
+        return fields
+
+    # -- Recorder --------------------------------------------------------------------------
+
+    def query(self, q: Query) -> None:
+        if q.error is not None:
+            self._log("error", QUERY_FAILED, **self._query_fields(q))
+            return
+        if q.action == "raise":
+            fields = self._query_fields(q)
+            fields["message"] = explain(
+                q.context, q.state.alias, q.state.vendor, q.state, q.info, q.scope
+            )
+            self._log("error", QUERY_REFUSED, **fields)
+            return
+        if q.action == "log":
+            fields = self._query_fields(q)
+            fields["message"] = explain(
+                q.context, q.state.alias, q.state.vendor, q.state, q.info, q.scope
+            )
+            self._log("warning", QUERY_FLAGGED, **fields)
+            return
+        if not self.query_events_enabled():
+            return
+        rate = self.config.query_log_sample_rate
+        if rate < 1.0 and random.random() >= rate:
+            return
+        self._log(self._level, QUERY, **self._query_fields(q))
+
+    def connection_opened(self, state: ConnState, info: ThreadInfo) -> None:
+        fields = connection_fields(state)
+        fields.update(thread_fields(info))
+        fields["context"] = state.context_opened
+        fields["open_duration_s"] = _r(state.open_duration)
+        self._log("info", CONNECTION_OPENED, **fields)
+
+    def connection_closed(self, state: ConnState, reason: str) -> None:
+        fields = connection_fields(state)
+        fields["connection_idle_s"] = _r(state.idle())
+        fields["reason"] = reason
+        level = "warning" if reason in WARN_CLOSE_REASONS else "info"
+        self._log(level, CONNECTION_CLOSED, **fields)
+
+    def connect_failed(
+        self, alias: str, vendor: str, info: ThreadInfo, context: str, duration: float,
+        diagnosis: Diagnosis,
+    ) -> None:
+        self._log(
+            "error", CONNECTION_FAILED, alias=alias, vendor=vendor, context=context,
+            duration_s=_r(duration), error_class=diagnosis.error_class,
+            error_code=diagnosis.code, cause=diagnosis.cause, **thread_fields(info),
+        )
+
+    def stale(self, q: Query, wait_timeout: float, replaced: bool) -> None:
+        fields = connection_fields(q.state)
+        fields.update(thread_fields(q.info))
+        fields.update(request_fields(q.scope))
+        fields["context"] = q.context
+        fields["connection_idle_s"] = _r(q.idle)
+        fields["wait_timeout_s"] = wait_timeout
+        fields["replaced"] = replaced
+        self._log("warning", CONNECTION_STALE, **fields)
+
+    def server_facts(self, state: ConnState, facts: dict[str, Any]) -> None:
+        self._log("info", SERVER_FACTS, alias=state.alias, vendor=state.vendor,
+                  connection_id=state.server_id, **facts)
+
+    def internal_error(self, component: str, error: BaseException, first: bool) -> None:
+        if first:
+            self._log("error", INTERNAL_ERROR, component=component,
+                      error=f"{type(error).__name__}: {error}")
+
+
+def level_enabled(logger_name: str, level_no: int) -> bool:
+    """Whether structlog, as the application configured it, would emit at ``level_no``."""
+    wrapper_class = structlog.get_config()["wrapper_class"]
+    is_enabled_for = getattr(wrapper_class, "is_enabled_for", None)
+    if is_enabled_for is not None:
+        # make_filtering_bound_logger classes (structlog's default wrapper class)
+        return bool(is_enabled_for(wrapper_class, level_no))
+    if isinstance(wrapper_class, type) and issubclass(wrapper_class, structlog.stdlib.BoundLogger):
+        return logging.getLogger(logger_name).isEnabledFor(level_no)
+    return True

@@ -1,0 +1,84 @@
+"""conndiag's exceptions. They share :class:`ConnDiagError` and carry the facts as attributes."""
+
+from __future__ import annotations
+
+
+class ConnDiagError(Exception):
+    """Base class of every exception conndiag raises on purpose."""
+
+
+class UnsafeQueryError(ConnDiagError):
+    """A query was refused, before reaching the database, because of the context it ran in.
+
+    Raised only where ``CONNDIAG["POLICY"]`` says ``raise`` for the context. The message
+    says what happened, why it breaks and how to fix it; the same facts are attributes.
+    """
+
+    #: the context that was refused (``detached``, ``forked``, ...)
+    context: str = ""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        context: str,
+        alias: str,
+        vendor: str,
+        thread_name: str,
+        thread_ident: int,
+        thread_native_id: int,
+        pid: int,
+        request_id: str | None,
+        request_method: str | None,
+        request_path: str | None,
+        view: str | None,
+        request_returned_ago: float | None,
+        connection_id: int | None,
+        connection_age: float | None,
+        connection_opened_by_pid: int | None,
+    ) -> None:
+        super().__init__(message)
+        self.context = context
+        self.alias = alias
+        self.vendor = vendor
+        self.thread_name = thread_name
+        self.thread_ident = thread_ident
+        self.thread_native_id = thread_native_id
+        self.pid = pid
+        self.request_id = request_id
+        self.request_method = request_method
+        self.request_path = request_path
+        self.view = view
+        self.request_returned_ago = request_returned_ago
+        self.connection_id = connection_id
+        self.connection_age = connection_age
+        self.connection_opened_by_pid = connection_opened_by_pid
+
+
+class DetachedQueryError(UnsafeQueryError):
+    """ORM work that originated in a request ran outside that request's thread."""
+
+
+class ForkedConnectionError(UnsafeQueryError):
+    """A connection opened in another process (inherited across ``fork()``) was used."""
+
+
+class CrossThreadQueryError(UnsafeQueryError):
+    """A query ran inside a live request's context but on another thread (policy: raise)."""
+
+
+class RequestQueryError(UnsafeQueryError):
+    """A query on the request thread, refused because the policy says so."""
+
+
+class BackgroundQueryError(UnsafeQueryError):
+    """A background query, refused because the policy says so."""
+
+
+ERRORS_BY_CONTEXT: dict[str, type[UnsafeQueryError]] = {
+    "request": RequestQueryError,
+    "cross_thread": CrossThreadQueryError,
+    "detached": DetachedQueryError,
+    "forked": ForkedConnectionError,
+    "background": BackgroundQueryError,
+}

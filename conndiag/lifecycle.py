@@ -1,0 +1,198 @@
+"""Connection lifecycle: install conndiag on every DatabaseWrapper, in every thread.
+
+Each wrapper gets, once: the execute wrapper at index 0 of ``execute_wrappers`` (inserted,
+never appended, so a user's ``with connection.execute_wrapper(...)`` block cannot pop it),
+and instance-level hooks on ``connect`` (opens and failed connects, which happen before any
+execute wrapper), ``_close`` (every real close) and Django's two recycling methods, which
+attribute a reason to the close they cause. A raw connection garbage-collected without a
+close is reported as ``abandoned``.
+"""
+
+from __future__ import annotations
+
+import time
+import weakref
+from typing import TYPE_CHECKING, Any
+
+from . import runtime, serverfacts, threads
+from .classify import classify
+from .diagnosis import diagnose
+from .state import STATE_ATTR, ConnState
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from django.db.backends.base.base import BaseDatabaseWrapper
+
+_INSTALLED_ATTR = "_conndiag_installed"
+_REASON_ATTR = "_conndiag_close_reason"
+_FINALIZER_ATTR = "_conndiag_finalizer"
+
+#: every close reason (the metrics' ``reason`` label)
+CLOSE_REASONS = (
+    "max_age",  # CONN_MAX_AGE > 0 passed, closed by Django around a request
+    "request_end",  # CONN_MAX_AGE = 0, closed by Django around a request
+    "unusable",  # errors occurred and the connection was no longer usable, or autocommit changed
+    "health_check_failed",  # CONN_HEALTH_CHECKS found it dead (Django 4.1+)
+    "explicit",  # connection.close() / connections.close_all() by the application
+    "background_work",  # closed by conndiag.background_db_work() on exit
+    "replaced_stale",  # replaced by conndiag before a query (REPLACE_STALE)
+    "abandoned",  # garbage-collected without being closed (its thread ended, or leaked)
+)
+
+
+def install(db: BaseDatabaseWrapper) -> None:
+    """Install conndiag on one DatabaseWrapper (idempotent)."""
+    from .wrapper import EXECUTE_WRAPPER
+
+    if EXECUTE_WRAPPER not in db.execute_wrappers:
+        db.execute_wrappers.insert(0, EXECUTE_WRAPPER)
+    if db.__dict__.get(_INSTALLED_ATTR):
+        return
+    db.__dict__[_INSTALLED_ATTR] = True
+    _hook(db, "connect", _connect)
+    _hook(db, "_close", _close)
+    _hook(db, "close_if_unusable_or_obsolete", _close_if_unusable_or_obsolete)
+    if hasattr(db, "close_if_health_check_failed"):  # Django 4.1+
+        _hook(db, "close_if_health_check_failed", _close_if_health_check_failed)
+
+
+def _hook(db: BaseDatabaseWrapper, name: str, hook: Callable[..., Any]) -> None:
+    original = getattr(db, name)
+
+    def hooked(*args: Any, **kwargs: Any) -> Any:
+        return hook(db, original, *args, **kwargs)
+
+    hooked.__name__ = name
+    hooked.__wrapped__ = original  # type: ignore[attr-defined]
+    setattr(db, name, hooked)
+
+
+def _connect(db: BaseDatabaseWrapper, original: Callable[[], None]) -> None:
+    rt = runtime.get()
+    info = threads.current()
+    context, _ = classify(None, info)
+    state = ConnState(db, info, context)
+    db.__dict__[STATE_ATTR] = state
+    try:
+        original()
+    except Exception as exc:
+        state.connecting = False
+        state.closed = True
+        state.close_reason = "connect_failed"
+        duration = time.perf_counter() - state.opened
+        try:
+            rt.emit("connect_failed", db.alias, db.vendor, info, context, duration,
+                    diagnose(exc, None, info, context))
+        except Exception as internal:  # noqa: BLE001
+            rt.internal_error("lifecycle.connect_failed", internal)
+        raise
+    try:
+        state.connected(db)
+        try:
+            finalizer = weakref.finalize(db.connection, _collected, state)
+            finalizer.atexit = False
+            db.__dict__[_FINALIZER_ATTR] = finalizer
+        except TypeError:  # a driver connection without weak reference support
+            db.__dict__[_FINALIZER_ATTR] = None
+        rt.emit("connection_opened", state, info)
+        serverfacts.on_connect(db, state, rt)
+    except Exception as internal:  # noqa: BLE001 - never break the application's connect
+        state.connecting = False
+        rt.internal_error("lifecycle.connect", internal)
+
+
+def mark_closed(db: BaseDatabaseWrapper, state: ConnState, reason: str) -> None:
+    """Record that ``state``'s connection was closed for ``reason`` (once)."""
+    if state.closed:
+        return
+    state.closed = True
+    state.close_reason = reason
+    finalizer = db.__dict__.pop(_FINALIZER_ATTR, None)
+    if finalizer is not None:
+        finalizer.detach()
+    runtime.get().emit("connection_closed", state, reason)
+
+
+def _close(db: BaseDatabaseWrapper, original: Callable[[], None]) -> None:
+    state: ConnState | None = db.__dict__.get(STATE_ATTR)
+    reason = db.__dict__.pop(_REASON_ATTR, None) or "explicit"
+    try:
+        original()
+    finally:
+        if state is not None:
+            try:
+                mark_closed(db, state, reason)
+            except Exception as internal:  # noqa: BLE001
+                runtime.get().internal_error("lifecycle.close", internal)
+
+
+def close_with_reason(db: BaseDatabaseWrapper, reason: str) -> None:
+    """Close ``db``'s connection, attributing ``reason`` to the close."""
+    db.__dict__[_REASON_ATTR] = reason
+    try:
+        db.close()
+    finally:
+        db.__dict__.pop(_REASON_ATTR, None)
+
+
+def _obsolete_reason(db: BaseDatabaseWrapper) -> str:
+    """Why ``close_if_unusable_or_obsolete`` would close ``db`` now, if it does."""
+    if db.get_autocommit() != db.settings_dict["AUTOCOMMIT"]:
+        return "unusable"
+    close_at = db.close_at
+    expired = close_at is not None and time.monotonic() >= close_at
+    if db.errors_occurred and not expired:
+        return "unusable"
+    return "max_age" if db.settings_dict.get("CONN_MAX_AGE") else "request_end"
+
+
+def _close_if_unusable_or_obsolete(db: BaseDatabaseWrapper, original: Callable[[], None]) -> None:
+    if db.connection is not None:
+        try:
+            db.__dict__[_REASON_ATTR] = _obsolete_reason(db)
+        except Exception:  # noqa: BLE001 - let Django's own code meet the error
+            db.__dict__.pop(_REASON_ATTR, None)
+    try:
+        original()
+    finally:
+        db.__dict__.pop(_REASON_ATTR, None)
+
+
+def _close_if_health_check_failed(db: BaseDatabaseWrapper, original: Callable[[], None]) -> None:
+    db.__dict__[_REASON_ATTR] = "health_check_failed"
+    try:
+        original()
+    finally:
+        db.__dict__.pop(_REASON_ATTR, None)
+
+
+def _collected(state: ConnState) -> None:
+    """weakref.finalize callback: a raw connection died without ``close()``."""
+    if state.closed:
+        return
+    state.closed = True
+    state.close_reason = "abandoned"
+    rt = runtime.get()
+    rt.emit("connection_closed", state, "abandoned")
+
+
+def discard_inherited(db: BaseDatabaseWrapper) -> bool:
+    """Drop a connection inherited across ``fork()`` without closing it.
+
+    Closing (or garbage-collecting) it would send COM_QUIT on the socket the parent still
+    uses, so the raw connection is kept referenced for the life of this process.
+    """
+    state: ConnState | None = db.__dict__.get(STATE_ATTR)
+    if db.connection is None or state is None or state.pid == threads.pid():
+        return False
+    _inherited.append(db.connection)
+    finalizer = db.__dict__.pop(_FINALIZER_ATTR, None)
+    if finalizer is not None:
+        finalizer.detach()
+    db.connection = None
+    db.__dict__[STATE_ATTR] = None
+    return True
+
+
+_inherited: list[Any] = []

@@ -1,0 +1,71 @@
+"""``ConnDiagMiddleware``: establishes the request scope. Put it first in ``MIDDLEWARE``.
+
+It attaches what only a middleware can see (request id, method, path, view) to the scope
+that ``request_started`` opened on the request thread, makes it the scope of the request's
+context (so ``sync_to_async`` work carries it), and binds ``request_id`` for the
+application's own structlog logs. Sync and async capable.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from asgiref.sync import iscoroutinefunction, markcoroutinefunction
+from structlog.contextvars import bind_contextvars, reset_contextvars
+
+from . import scope as _scope
+from . import threads
+from .conf import get_config
+
+if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable
+
+    from django.http import HttpRequest, HttpResponseBase
+
+
+class ConnDiagMiddleware:
+    sync_capable = True
+    async_capable = True
+
+    def __init__(self, get_response: Callable[[HttpRequest], Any]) -> None:
+        self.get_response = get_response
+        self.async_mode = iscoroutinefunction(get_response)
+        if self.async_mode:
+            markcoroutinefunction(self)
+
+    def _enter(self, request: HttpRequest) -> tuple[Any, Any]:
+        carrier = getattr(request, "environ", None)
+        if carrier is None or _scope.CARRIER_KEY not in carrier:
+            carrier = getattr(request, "scope", None) or {}
+        rs = carrier.get(_scope.CARRIER_KEY)
+        if rs is None:
+            # request_started did not fire (a bare handler call): open the scope here.
+            info = threads.current()
+            rs = info.scope or _scope.RequestScope(info)
+        rs.attach(request, get_config().request_id_meta_key)
+        token = _scope.enter(rs)
+        log_tokens = bind_contextvars(request_id=rs.request_id)
+        return token, log_tokens
+
+    @staticmethod
+    def _leave(tokens: tuple[Any, Any]) -> None:
+        token, log_tokens = tokens
+        reset_contextvars(**log_tokens)
+        _scope.leave(token)
+
+    def __call__(self, request: HttpRequest) -> Any:
+        if self.async_mode:
+            return self.__acall__(request)
+        tokens = self._enter(request)
+        try:
+            return self.get_response(request)
+        finally:
+            self._leave(tokens)
+
+    async def __acall__(self, request: HttpRequest) -> HttpResponseBase:
+        tokens = self._enter(request)
+        try:
+            get_response: Callable[[HttpRequest], Awaitable[HttpResponseBase]] = self.get_response
+            return await get_response(request)
+        finally:
+            self._leave(tokens)

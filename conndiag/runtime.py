@@ -1,0 +1,95 @@
+"""The live runtime: the parsed config, the policy table and the active recorders.
+
+Built on first use from :func:`conndiag.conf.get_config` and dropped when ``CONNDIAG``
+changes. :meth:`Runtime.emit` fans a record out to every recorder; a recorder's failure is
+counted and reported once per kind, and never reaches the application.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import TYPE_CHECKING, Any
+
+from .conf import Config, get_config
+
+if TYPE_CHECKING:
+    from .records import Query, Recorder
+
+
+class Runtime:
+    __slots__ = ("_lock", "_reported", "config", "internal_errors", "policy", "recorders")
+
+    def __init__(self, config: Config, recorders: list[Recorder]) -> None:
+        self.config = config
+        #: context -> action, a plain dict for the hot path
+        self.policy: dict[str, str] = dict(config.policy)
+        self.recorders = tuple(recorders)
+        self.internal_errors = 0
+        self._reported: set[tuple[str, type[BaseException]]] = set()
+        self._lock = threading.Lock()
+
+    def record_query(self, q: Query) -> None:
+        for recorder in self.recorders:
+            try:
+                recorder.query(q)
+            except Exception as exc:  # noqa: BLE001 - never break the application's query
+                self.internal_error(f"{type(recorder).__name__}.query", exc)
+
+    def emit(self, method: str, *args: Any) -> None:
+        """Call ``method(*args)`` on every recorder, containing their failures."""
+        for recorder in self.recorders:
+            try:
+                getattr(recorder, method)(*args)
+            except Exception as exc:  # noqa: BLE001
+                self.internal_error(f"{type(recorder).__name__}.{method}", exc)
+
+    def internal_error(self, component: str, error: BaseException) -> None:
+        """Count a failure of conndiag's own code; report the first of each kind."""
+        key = (component, type(error))
+        with self._lock:
+            self.internal_errors += 1
+            first = key not in self._reported
+            self._reported.add(key)
+        for recorder in self.recorders:
+            try:
+                recorder.internal_error(component, error, first)
+            except Exception:  # noqa: BLE001, S110 - the reporter itself failed; nothing left to tell
+                pass
+
+
+def build(config: Config) -> Runtime:
+    from .events import EventLog
+
+    recorders: list[Recorder] = [EventLog(config)]
+    if config.metrics:
+        from .metrics import MetricsRecorder
+
+        recorders.append(MetricsRecorder(config))
+    return Runtime(config, recorders)
+
+
+_runtime: Runtime | None = None
+_build_lock = threading.Lock()
+
+
+def get() -> Runtime:
+    """The current runtime (built on first use)."""
+    rt = _runtime
+    if rt is None:
+        rt = _rebuild()
+    return rt
+
+
+def _rebuild() -> Runtime:
+    global _runtime
+    with _build_lock:
+        if _runtime is None:
+            _runtime = build(get_config())
+        return _runtime
+
+
+def reset(**kwargs: object) -> None:
+    """Drop the runtime so the next query builds it from the current settings."""
+    global _runtime
+    if kwargs.get("setting", "CONNDIAG") == "CONNDIAG":
+        _runtime = None

@@ -1,0 +1,53 @@
+"""Stale connections: idle longer than the server's ``wait_timeout``, so certain to fail.
+
+Before such a query the wrapper calls :func:`handle`: it emits a ``stale`` event and
+metric, and, with ``REPLACE_STALE`` on and outside any transaction, replaces the connection
+(logged and counted as a close with reason ``replaced_stale``), which turns a certain
+``(2006, 'MySQL server has gone away')`` into a reconnect. Inside an atomic block the
+connection is never replaced: the transaction's earlier work would be silently lost.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from .lifecycle import close_with_reason
+from .state import STATE_ATTR
+
+if TYPE_CHECKING:
+    from django.db.backends.base.base import BaseDatabaseWrapper
+
+    from .records import Query
+    from .runtime import Runtime
+    from .state import ConnState
+
+
+def can_replace(db: BaseDatabaseWrapper) -> bool:
+    """Whether replacing the connection now loses nothing (no transaction is open)."""
+    return not db.in_atomic_block and bool(db.autocommit)
+
+
+def handle(db: BaseDatabaseWrapper, q: Query, rt: Runtime, cursor: Any) -> ConnState:
+    """Report a stale connection and maybe replace it; returns the state to run on.
+
+    ``cursor`` is the Django cursor wrapper the query runs on: after a replacement it is
+    pointed at a raw cursor of the new connection.
+    """
+    state = q.state
+    wait_timeout = state.wait_timeout
+    if wait_timeout is None:
+        return state
+    replace = rt.config.replace_stale and can_replace(db)
+    rt.emit("stale", q, wait_timeout, replace)
+    if not replace:
+        return state
+    try:
+        close_with_reason(db, "replaced_stale")
+        db.connect()
+        cursor.cursor = db.create_cursor()
+    except Exception as exc:  # noqa: BLE001 - fall back to running on what there is
+        rt.internal_error("stale.replace", exc)
+        return state
+    new_state: ConnState = db.__dict__[STATE_ATTR]
+    q.state = new_state
+    return new_state

@@ -1,0 +1,170 @@
+"""Thread identity and the origin of work.
+
+Every thread gets one :class:`ThreadInfo`, created lazily in a ``threading.local``: its
+identity is the object itself, so it survives ``threading.get_ident()`` reuse. When
+thread tracking is installed, a ``threading.Thread`` started on a request thread, and a task
+submitted to a ``ThreadPoolExecutor`` from one, remember that request (their *origin*),
+which is how a later query on them is known to be ``detached``.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any, TypeVar
+
+if TYPE_CHECKING:
+    from .scope import RequestScope
+
+_T = TypeVar("_T")
+
+_local = threading.local()
+_pid = os.getpid()
+
+
+def pid() -> int:
+    """This process's id, kept current across ``os.fork()`` without a system call."""
+    return _pid
+
+
+def _after_fork_in_child() -> None:
+    global _pid
+    _pid = os.getpid()
+
+
+class ThreadInfo:
+    """What conndiag knows about one thread. One object per thread, for its whole life."""
+
+    __slots__ = (
+        "__weakref__",
+        "allow_depth",
+        "ident",
+        "in_submit",
+        "native_id",
+        "origin",
+        "scope",
+        "task_origin",
+        "thread",
+    )
+
+    def __init__(self) -> None:
+        thread = threading.current_thread()
+        self.thread = thread
+        self.ident = threading.get_ident()
+        self.native_id = threading.get_native_id()
+        #: the request that started this thread (set by the ``Thread.start`` hook).
+        self.origin: RequestScope | None = getattr(thread, "_conndiag_origin", None)
+        #: the request that submitted the executor task running now, if any.
+        self.task_origin: RequestScope | None = None
+        #: the live request whose ``request_started`` fired on this thread.
+        self.scope: RequestScope | None = None
+        #: depth of :func:`conndiag.background_db_work` blocks on this thread.
+        self.allow_depth = 0
+        self.in_submit = 0
+
+    @property
+    def name(self) -> str:
+        return self.thread.name
+
+    def handed_off_origin(self) -> RequestScope | None:
+        """The request that work handed off from this thread now would belong to."""
+        if self.allow_depth:
+            return None
+        return self.scope or self.task_origin or self.origin
+
+    def describe(self) -> str:
+        return f"{self.name!r} (ident {self.ident}, native id {self.native_id})"
+
+
+def current() -> ThreadInfo:
+    """The :class:`ThreadInfo` of the calling thread."""
+    try:
+        return _local.info  # type: ignore[no-any-return]
+    except AttributeError:
+        info = _local.info = ThreadInfo()
+        return info
+
+
+# --- thread and executor tracking ---------------------------------------------------------
+
+_ORIGINAL_START = threading.Thread.start
+_ORIGINAL_SUBMIT = ThreadPoolExecutor.submit
+_tracking = False
+
+
+def _start(self: threading.Thread) -> None:
+    info = current()
+    if not info.in_submit:
+        origin = info.handed_off_origin()
+        if origin is None:
+            # A thread started from async code: the request lives in the context.
+            from .scope import current_scope
+
+            origin = current_scope()
+        if origin is not None:
+            self._conndiag_origin = origin  # type: ignore[attr-defined]
+    _ORIGINAL_START(self)
+
+
+class _TaskWithOrigin:
+    """An executor task that runs with the origin of the request that submitted it."""
+
+    __slots__ = ("fn", "origin")
+
+    def __init__(self, fn: Callable[..., Any], origin: RequestScope) -> None:
+        self.fn = fn
+        self.origin = origin
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        info = current()
+        previous = info.task_origin
+        info.task_origin = self.origin
+        try:
+            return self.fn(*args, **kwargs)
+        finally:
+            info.task_origin = previous
+
+
+def _submit(self: ThreadPoolExecutor, fn: Callable[..., _T], /, *args: Any, **kwargs: Any) -> Any:
+    info = current()
+    # Only the *thread-local* request counts here: work submitted from an event loop by
+    # sync_to_async or asyncio.to_thread carries the request in its context instead, and
+    # is awaited by the request (``request`` or ``cross_thread``, not ``detached``).
+    origin = info.handed_off_origin()
+    task: Callable[..., Any] = fn if origin is None else _TaskWithOrigin(fn, origin)
+    info.in_submit += 1
+    try:
+        return _ORIGINAL_SUBMIT(self, task, *args, **kwargs)
+    finally:
+        info.in_submit -= 1
+
+
+def install_tracking() -> None:
+    """Hook ``Thread.start`` and ``ThreadPoolExecutor.submit`` (idempotent)."""
+    global _tracking
+    if not _tracking:
+        threading.Thread.start = functools.wraps(_ORIGINAL_START)(_start)  # type: ignore[method-assign]
+        ThreadPoolExecutor.submit = functools.wraps(_ORIGINAL_SUBMIT)(_submit)  # type: ignore[method-assign]
+        _tracking = True
+
+
+def uninstall_tracking() -> None:
+    """Undo :func:`install_tracking` (when ``TRACK_THREADS`` is turned off)."""
+    global _tracking
+    if _tracking:
+        threading.Thread.start = _ORIGINAL_START  # type: ignore[method-assign]
+        ThreadPoolExecutor.submit = _ORIGINAL_SUBMIT  # type: ignore[method-assign]
+        _tracking = False
+
+
+_fork_hook_installed = False
+
+
+def install_fork_hook() -> None:
+    global _fork_hook_installed
+    if not _fork_hook_installed:
+        os.register_at_fork(after_in_child=_after_fork_in_child)
+        _fork_hook_installed = True

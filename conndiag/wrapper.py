@@ -1,0 +1,88 @@
+"""The execute wrapper: on every query's path, it only connects the other modules.
+
+classify (``classify``) -> policy (``runtime.policy``; maybe raise, before the database) ->
+stale check (``stale``) -> run the query, timed -> record (``runtime.record_query``: log
+events and metrics). conndiag's own failures are contained: the query always runs unless
+the policy says ``raise``.
+"""
+
+from __future__ import annotations
+
+from time import perf_counter
+from typing import TYPE_CHECKING, Any
+
+from . import runtime, stale, threads
+from .classify import classify
+from .diagnosis import diagnose
+from .policy import refusal
+from .records import Query
+from .state import STATE_ATTR
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+_current_thread = threads.current
+
+
+class ExecuteWrapper:
+    """``execute_wrappers`` callable installed at index 0 of every connection."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "<conndiag.ExecuteWrapper>"
+
+    def __call__(
+        self,
+        execute: Callable[..., Any],
+        sql: Any,
+        params: Any,
+        many: bool,
+        context: dict[str, Any],
+    ) -> Any:
+        db = context["connection"]
+        state = db.__dict__.get(STATE_ATTR)
+        if state is None or state.connecting:
+            # Not a connection conndiag saw open, or init_connection_state() queries.
+            return execute(sql, params, many, context)
+        rt = runtime._runtime or runtime.get()
+        try:
+            info = _current_thread()
+            ctx, rs = classify(state, info)
+            action = rt.policy[ctx]
+            start = perf_counter()
+            last = state.last_used
+            q = Query(db, state, info, ctx, rs, action, sql, params, many,
+                      start - (state.opened if last is None else last))
+        except Exception as internal:  # noqa: BLE001 - never break the application's query
+            rt.internal_error("wrapper.classify", internal)
+            return execute(sql, params, many, context)
+        if action == "raise":
+            rt.record_query(q)
+            raise refusal(ctx, state.alias, state.vendor, state, info, rs)
+        if state.wait_timeout is not None and q.idle >= state.wait_timeout - rt.config.stale_margin:
+            state = stale.handle(db, q, rt, context["cursor"])
+            start = perf_counter()
+        try:
+            result = execute(sql, params, many, context)
+        except Exception as exc:
+            end = perf_counter()
+            q.duration = end - start
+            state.queries += 1
+            state.last_used = end
+            q.error = exc
+            try:
+                q.diagnosis = diagnose(exc, state, info, ctx, rs, q.idle)
+            except Exception as internal:  # noqa: BLE001
+                rt.internal_error("wrapper.diagnose", internal)
+            rt.record_query(q)
+            raise
+        end = perf_counter()
+        q.duration = end - start
+        state.queries += 1
+        state.last_used = end
+        rt.record_query(q)
+        return result
+
+
+EXECUTE_WRAPPER = ExecuteWrapper()

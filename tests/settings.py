@@ -1,0 +1,55 @@
+"""Settings for conndiag's test suite: SQLite as ``default``, a real MariaDB as ``mysql``.
+
+``CONNDIAG_TEST_MYSQL_URL`` (default ``mysql://root@127.0.0.1:3306/test``) points the MySQL
+alias elsewhere. The test database is ``test_conndiag`` (+ ``CONNDIAG_TEST_DB_SUFFIX``, so
+matrix runs in parallel don't collide).
+"""
+
+from __future__ import annotations
+
+import os
+from urllib.parse import unquote, urlsplit
+
+SECRET_KEY = "conndiag-tests-not-secret"  # noqa: S105
+DEBUG = False
+USE_TZ = True
+ALLOWED_HOSTS = ["*"]
+ROOT_URLCONF = "tests.urls"
+DEFAULT_AUTO_FIELD = "django.db.models.AutoField"
+
+INSTALLED_APPS = [
+    "django.contrib.contenttypes",
+    "django.contrib.auth",
+    "conndiag",
+    "tests.testapp",
+]
+MIDDLEWARE = [
+    "conndiag.middleware.ConnDiagMiddleware",
+    "django.middleware.common.CommonMiddleware",
+]
+
+
+def mysql_settings(url: str) -> dict[str, object]:
+    parts = urlsplit(url)
+    return {
+        "ENGINE": "django.db.backends.mysql",
+        "HOST": parts.hostname or "127.0.0.1",
+        "PORT": str(parts.port or 3306),
+        "USER": unquote(parts.username or "root"),
+        "PASSWORD": unquote(parts.password or ""),
+        "NAME": parts.path.lstrip("/") or "test",
+        "OPTIONS": {"charset": "utf8mb4"},
+        "TEST": {"NAME": "test_conndiag" + os.environ.get("CONNDIAG_TEST_DB_SUFFIX", "")},
+    }
+
+
+MYSQL_URL = os.environ.get("CONNDIAG_TEST_MYSQL_URL", "mysql://root@127.0.0.1:3306/test")
+
+DATABASES = {
+    "default": {"ENGINE": "django.db.backends.sqlite3", "NAME": ":memory:"},
+    "mysql": mysql_settings(MYSQL_URL),
+}
+
+CONNDIAG: dict[str, object] = {}
+
+LOGGING_CONFIG = None

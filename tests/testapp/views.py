@@ -1,0 +1,76 @@
+"""Views the tests drive through the real WSGI and ASGI handlers.
+
+Each view that hands work to another thread waits for it and reports the outcome in its
+response, so a test can assert on what happened in that thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+from django.http import HttpRequest, HttpResponse, JsonResponse
+
+import conndiag
+from tests.testapp.models import Item
+
+POOL = ThreadPoolExecutor(max_workers=1, thread_name_prefix="test-pool")
+
+
+def _alias(request: HttpRequest) -> str:
+    return request.GET.get("db", "default")
+
+
+def _write(alias: str) -> str:
+    try:
+        Item.objects.using(alias).create(name="x")
+        return "ok"
+    except conndiag.UnsafeQueryError as exc:
+        return f"refused:{exc.context}"
+
+
+def sync_view(request: HttpRequest) -> HttpResponse:
+    Item.objects.using(_alias(request)).create(name="sync")
+    return JsonResponse({"count": Item.objects.using(_alias(request)).count()})
+
+
+def thread_view(request: HttpRequest) -> HttpResponse:
+    result: list[str] = []
+    t = threading.Thread(target=lambda: result.append(_write(_alias(request))))
+    t.start()
+    t.join()
+    return JsonResponse({"thread": result[0]})
+
+
+def executor_view(request: HttpRequest) -> HttpResponse:
+    return JsonResponse({"task": POOL.submit(_write, _alias(request)).result()})
+
+
+def hatch_view(request: HttpRequest) -> HttpResponse:
+    alias = _alias(request)
+
+    @conndiag.background_db_work()
+    def work() -> str:
+        return _write(alias)
+
+    result: list[str] = []
+    t = threading.Thread(target=lambda: result.append(work()))
+    t.start()
+    t.join()
+    return JsonResponse({"thread": result[0]})
+
+
+async def async_view(request: HttpRequest) -> HttpResponse:
+    alias = _alias(request)
+    item = await Item.objects.using(alias).acreate(name="async")
+    fetched = await Item.objects.using(alias).aget(pk=item.pk)
+    return JsonResponse({"name": fetched.name})
+
+
+async def async_to_thread_view(request: HttpRequest) -> HttpResponse:
+    return JsonResponse({"thread": await asyncio.to_thread(_write, _alias(request))})
+
+
+def nothing_view(request: HttpRequest) -> HttpResponse:
+    return HttpResponse("nothing")

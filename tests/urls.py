@@ -1,0 +1,13 @@
+from django.urls import path
+
+from tests.testapp import views
+
+urlpatterns = [
+    path("sync/", views.sync_view, name="sync"),
+    path("thread/", views.thread_view, name="thread"),
+    path("executor/", views.executor_view, name="executor"),
+    path("hatch/", views.hatch_view, name="hatch"),
+    path("async/", views.async_view, name="async"),
+    path("async-to-thread/", views.async_to_thread_view, name="async-to-thread"),
+    path("nothing/", views.nothing_view, name="nothing"),
+]
