@@ -1,0 +1,132 @@
+"""Shared fixtures: a real MariaDB/MySQL server, captured conndiag events, a fresh runtime.
+
+MySQL tests use the ``mysql`` alias (see ``tests/settings.py``). When no server answers,
+the session tries to start a private ``mariadbd`` in a temporary directory; if that fails
+too, MySQL tests fail loudly under ``CI=true`` and are skipped, with the reason, elsewhere.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import structlog
+from django.conf import settings
+from structlog.testing import capture_logs
+
+from conndiag import runtime
+
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def _reachable(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+def _start_private_mariadb() -> tuple[str, int] | None:
+    """Start a throw-away mariadbd on a free port; returns (host, port) or None."""
+    server = shutil.which("mariadbd") or shutil.which("mysqld")
+    install_db = shutil.which("mariadb-install-db") or shutil.which("mysql_install_db")
+    if server is None or install_db is None:
+        return None
+    datadir = tempfile.mkdtemp(prefix="conndiag-mariadb-")
+    subprocess.run(  # noqa: S603
+        [install_db, f"--datadir={datadir}", "--auth-root-authentication-method=normal",
+         "--user=root"],
+        check=True, capture_output=True,
+    )
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    subprocess.Popen(  # noqa: S603
+        [server, f"--datadir={datadir}", f"--port={port}", "--bind-address=127.0.0.1",
+         f"--socket={datadir}/mysqld.sock", "--user=root"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    for _ in range(100):
+        if _reachable("127.0.0.1", port):
+            return "127.0.0.1", port
+        time.sleep(0.2)
+    return None
+
+
+def _mysql_unavailable_reason() -> str | None:
+    db = settings.DATABASES["mysql"]
+    host, port = str(db["HOST"]), int(db["PORT"])
+    if _reachable(host, port):
+        return None
+    started = _start_private_mariadb()
+    if started is not None:
+        db["HOST"], db["PORT"] = started[0], str(started[1])
+        return None
+    return f"no MySQL/MariaDB server at {host}:{port} and none could be started"
+
+
+_MYSQL_REASON: list[str | None] = []
+
+
+def mysql_unavailable_reason() -> str | None:
+    if not _MYSQL_REASON:
+        _MYSQL_REASON.append(_mysql_unavailable_reason())
+    return _MYSQL_REASON[0]
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests that use the ``mysql`` alias get the ``mysql`` marker automatically."""
+    for item in items:
+        if "mysql" in item.keywords:
+            continue
+        cls = getattr(item, "cls", None)
+        databases = getattr(cls, "databases", None) or set()
+        marker = item.get_closest_marker("django_db")
+        if marker is not None:
+            databases = set(databases) | set(marker.kwargs.get("databases", ()) or ())
+        if "mysql" in databases:
+            item.add_marker(pytest.mark.mysql)
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    if item.get_closest_marker("mysql") is None:
+        return
+    reason = mysql_unavailable_reason()
+    if reason is None:
+        return
+    if IN_CI:
+        pytest.fail(f"CI needs a MySQL/MariaDB server: {reason}", pytrace=False)
+    pytest.skip(f"{reason} (set CONNDIAG_TEST_MYSQL_URL; under CI=true this fails)")
+
+
+@pytest.fixture(autouse=True)
+def _fresh_runtime() -> Iterator[None]:
+    """Every test starts with a runtime built from its own settings."""
+    runtime.reset()
+    yield
+    runtime.reset()
+
+
+@pytest.fixture
+def events() -> Iterator[list[dict[str, Any]]]:
+    """Every structlog event emitted during the test, conndiag's included, as dicts."""
+    with capture_logs() as captured:
+        yield captured
+
+
+def of(events: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
+    """The captured events named ``name``."""
+    return [e for e in events if e.get("event") == name]
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _structlog_defaults() -> None:
+    structlog.reset_defaults()
