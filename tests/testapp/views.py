@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 from django.http import HttpRequest, HttpResponse, JsonResponse
@@ -16,6 +17,8 @@ import conndiag
 from tests.testapp.models import Item
 
 POOL = ThreadPoolExecutor(max_workers=1, thread_name_prefix="test-pool")
+#: a test may set this to run code on the request thread of ``nothing_view``
+START_HOOK: Callable[[], None] | None = None
 
 
 def _alias(request: HttpRequest) -> str:
@@ -73,4 +76,6 @@ async def async_to_thread_view(request: HttpRequest) -> HttpResponse:
 
 
 def nothing_view(request: HttpRequest) -> HttpResponse:
+    if START_HOOK is not None:
+        START_HOOK()
     return HttpResponse("nothing")
