@@ -65,7 +65,8 @@ class Config:
 
 
 def _fail(key: str, value: object, allowed: str) -> ImproperlyConfigured:
-    msg = f"CONNDIAG[{key!r}] = {value!r} is not valid: expected {allowed}."
+    where = key if key.startswith("CONNDIAG") else f"CONNDIAG[{key!r}]"
+    msg = f"{where} = {value!r} is not valid: expected {allowed}."
     return ImproperlyConfigured(msg)
 
 
@@ -132,9 +133,11 @@ def _policy(key: str, value: object) -> Mapping[str, str]:
     merged = dict(DEFAULT_POLICY)
     for context, action in value.items():
         if context not in CONTEXTS:
-            raise _fail(f"{key}'][{context!r}", context, "one of the contexts " + ", ".join(CONTEXTS))
+            where = f"CONNDIAG[{key!r}]"
+            raise _fail(where, context, "one of the contexts " + ", ".join(CONTEXTS))
         if action not in ACTIONS:
-            raise _fail(f"{key}'][{context!r}", action, "one of " + ", ".join(ACTIONS))
+            where = f"CONNDIAG[{key!r}][{context!r}]"
+            raise _fail(where, action, "one of " + ", ".join(ACTIONS))
         merged[context] = action
     return merged
 
