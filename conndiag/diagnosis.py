@@ -6,7 +6,7 @@ label is drawn from :data:`KNOWN_CODES` so metric labels stay bounded.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from . import threads
 from .records import Diagnosis
@@ -67,6 +67,38 @@ def classify_error(exc: BaseException) -> tuple[str, str]:
     return KNOWN_CODES[code], str(code)
 
 
+def _s(seconds: float) -> str:
+    """Seconds for a message: one decimal below 10 s, whole seconds above."""
+    return f"{seconds:.1f} s" if seconds < 10 else f"{seconds:.0f} s"
+
+
+def _why_not_recycled(
+    state: ConnState, info: ThreadInfo | None, context: str | None, rs: RequestScope | None
+) -> str | None:
+    """Why nothing closed this connection before it went stale, if conndiag can tell."""
+    if context == "detached" and rs is not None:
+        ago = rs.returned_ago()
+        when = "still running" if ago is None else f"{_s(ago)} ago"
+        return (
+            f"thread started by request {rs.method or '?'} {rs.path or '?'} ({when}), which "
+            "never recycles its connection"
+        )
+    if context in ("background", "cross_thread") and info is not None and info.scope is None:
+        return (
+            f"thread {info.name!r} is not a request thread, so Django never recycles its "
+            "connection (close it, or use conndiag.background_db_work())"
+        )
+    if not state.health_checks:
+        if state.conn_max_age is None:
+            return "CONN_MAX_AGE=None and health checks off: a dropped connection is reused"
+        if state.wait_timeout is not None and state.conn_max_age >= state.wait_timeout:
+            return (
+                f"CONN_MAX_AGE={state.conn_max_age:g} >= wait_timeout "
+                f"{_s(state.wait_timeout)} and health checks off"
+            )
+    return None
+
+
 def likely_cause(
     error_class: str,
     state: ConnState | None,
@@ -74,8 +106,14 @@ def likely_cause(
     context: str | None,
     rs: RequestScope | None,
     idle: float | None,
+    facts: dict[str, Any] | None = None,
+    code: str | None = None,
 ) -> str:
-    """The most likely cause, in plain words, from what conndiag knows."""
+    """The most likely cause, in plain words, from what conndiag knows.
+
+    ``state`` is None for a failed connect; ``facts`` are the server facts last learned
+    for the alias (``max_connections``), if any.
+    """
     if state is not None and state.pid != threads.pid():
         return (
             f"connection opened by process {state.pid}, used by {threads.pid()} "
@@ -83,29 +121,38 @@ def likely_cause(
         )
     if error_class in CONNECTION_BROKEN and state is not None:
         wait_timeout = state.wait_timeout
+        why = _why_not_recycled(state, info, context, rs)
         if wait_timeout is not None and idle is not None and idle >= wait_timeout:
-            return f"idle {idle:.0f} s > wait_timeout {wait_timeout:.0f} s"
-        if context == "detached" and rs is not None:
-            ago = rs.returned_ago()
-            when = "still running" if ago is None else f"{ago:.0f} s ago"
-            return (
-                f"thread started by request {rs.method} {rs.path} ({when}), which never "
-                "recycles its connection"
-            )
-        if state.conn_max_age is None and not state.health_checks:
-            return "CONN_MAX_AGE=None and health checks off: a dropped connection is reused"
+            cause = f"idle {_s(idle)} > wait_timeout {_s(wait_timeout)}"
+            return cause if why is None else f"{cause}; {why}"
         if idle is not None and wait_timeout is None:
-            return (
-                f"the server dropped the connection (idle {idle:.0f} s; wait_timeout not "
+            cause = (
+                f"the server dropped the connection (idle {_s(idle)}; wait_timeout not "
                 "known), or restarted or killed it"
             )
-        return "server restarted or killed the connection"
+            return cause if why is None else f"{cause}; {why}"
+        if code == "1927":
+            cause = "the connection was killed (KILL, or the server shutting down)"
+        elif code == "1053":
+            cause = "the server is shutting down (restart or failover)"
+        else:
+            cause = "server restarted or killed the connection"
+        if idle is not None and wait_timeout is not None:
+            cause += f" (idle {_s(idle)} < wait_timeout {_s(wait_timeout)})"
+        if state.conn_max_age is None and not state.health_checks:
+            cause += "; CONN_MAX_AGE=None and health checks off: a dropped connection is reused"
+        return cause
     if error_class == "refused":
-        return "the server is not reachable (down, wrong host/port, or a firewall)"
+        return "the server is not reachable: down, restarting, wrong HOST/PORT, or a firewall"
     if error_class == "too_many_connections":
-        return "the server's max_connections (or the user's limit) is reached"
+        limit = None if facts is None else facts.get("max_connections")
+        reached = "the server's max_connections" if limit is None else f"max_connections={limit}"
+        return (
+            f"{reached} (or the user's limit) is reached: too many workers x threads, or "
+            "connections left open by threads that ended without closing them"
+        )
     if error_class == "access_denied":
-        return "wrong credentials or missing grants"
+        return "wrong USER/PASSWORD in DATABASES, or missing grants on the database"
     return "not a connection problem conndiag recognises"
 
 
@@ -117,5 +164,22 @@ def diagnose(
     rs: RequestScope | None = None,
     idle: float | None = None,
 ) -> Diagnosis:
+    """Classify ``exc`` and compute its most likely cause (never raises on odd input)."""
     error_class, code = classify_error(exc)
-    return Diagnosis(error_class, code, likely_cause(error_class, state, info, context, rs, idle))
+    facts = None
+    if error_class == "too_many_connections":
+        alias = None if state is None else state.alias
+        facts = _facts_for(alias)
+    return Diagnosis(
+        error_class, code, likely_cause(error_class, state, info, context, rs, idle, facts, code)
+    )
+
+
+def _facts_for(alias: str | None) -> dict[str, Any] | None:
+    """The server facts last learned for ``alias`` (or for the only alias known)."""
+    from . import serverfacts
+
+    if alias is not None:
+        return serverfacts.cached_facts(alias)
+    known = [facts for (_, pid), (_, facts) in serverfacts._cache.items() if pid == threads.pid()]
+    return known[0] if len(known) == 1 else None

@@ -31,7 +31,8 @@ def handle(db: BaseDatabaseWrapper, q: Query, rt: Runtime, cursor: Any) -> ConnS
     """Report a stale connection and maybe replace it; returns the state to run on.
 
     ``cursor`` is the Django cursor wrapper the query runs on: after a replacement it is
-    pointed at a raw cursor of the new connection.
+    pointed at a raw cursor of the new connection. If reconnecting fails, that error
+    propagates to the application (the old connection was certain to fail anyway).
     """
     state = q.state
     wait_timeout = state.wait_timeout
@@ -43,11 +44,15 @@ def handle(db: BaseDatabaseWrapper, q: Query, rt: Runtime, cursor: Any) -> ConnS
         return state
     try:
         close_with_reason(db, "replaced_stale")
-        db.connect()
-        cursor.cursor = db.create_cursor()
-    except Exception as exc:  # noqa: BLE001 - fall back to running on what there is
+    except Exception as exc:  # noqa: BLE001 - closing a dead socket may complain; go on
         rt.internal_error("stale.replace", exc)
+    if db.connection is not None:  # pragma: no cover - Django drops it even when close fails
         return state
+    # A failed reconnect propagates: the query cannot run, and the connect failure is
+    # already reported (``conndiag.connection.failed``) with its own diagnosis.
+    db.ensure_connection()
+    with db.wrap_database_errors:
+        cursor.cursor = db.create_cursor()
     new_state: ConnState = db.__dict__[STATE_ATTR]
     q.state = new_state
     return new_state
