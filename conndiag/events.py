@@ -239,10 +239,11 @@ class EventLog:
 def level_enabled(logger_name: str, level_no: int) -> bool:
     """Whether structlog, as the application configured it, would emit at ``level_no``."""
     wrapper_class = structlog.get_config()["wrapper_class"]
-    is_enabled_for = getattr(wrapper_class, "is_enabled_for", None)
-    if is_enabled_for is not None:
-        # make_filtering_bound_logger classes (structlog's default wrapper class)
-        return bool(is_enabled_for(wrapper_class, level_no))
     if isinstance(wrapper_class, type) and issubclass(wrapper_class, structlog.stdlib.BoundLogger):
         return logging.getLogger(logger_name).isEnabledFor(level_no)
+    is_enabled_for = getattr(wrapper_class, "is_enabled_for", None)
+    if is_enabled_for is not None:
+        # make_filtering_bound_logger classes (structlog's default wrapper class); their
+        # is_enabled_for ignores ``self``.
+        return bool(is_enabled_for(wrapper_class, level_no))
     return True
