@@ -29,6 +29,7 @@ KNOWN_CODES: dict[int, str] = {
     2005: "refused",  # CR_UNKNOWN_HOST
     1040: "too_many_connections",  # ER_CON_COUNT_ERROR
     1203: "too_many_connections",  # ER_TOO_MANY_USER_CONNECTIONS
+    1226: "too_many_connections",  # ER_USER_LIMIT_REACHED (max_user_connections)
     1045: "access_denied",  # ER_ACCESS_DENIED_ERROR
     1044: "access_denied",  # ER_DBACCESS_DENIED_ERROR
 }
@@ -145,12 +146,15 @@ def likely_cause(
     if error_class == "refused":
         return "the server is not reachable: down, restarting, wrong HOST/PORT, or a firewall"
     if error_class == "too_many_connections":
+        why = (
+            "too many workers x threads, or connections left open by threads that ended "
+            "without closing them"
+        )
+        if code in ("1203", "1226"):
+            return f"the account's connection limit (max_user_connections) is reached: {why}"
         limit = None if facts is None else facts.get("max_connections")
         reached = "the server's max_connections" if limit is None else f"max_connections={limit}"
-        return (
-            f"{reached} (or the user's limit) is reached: too many workers x threads, or "
-            "connections left open by threads that ended without closing them"
-        )
+        return f"{reached} is reached: {why}"
     if error_class == "access_denied":
         return "wrong USER/PASSWORD in DATABASES, or missing grants on the database"
     return "not a connection problem conndiag recognises"
