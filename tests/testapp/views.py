@@ -11,6 +11,7 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
+from asgiref.sync import sync_to_async
 from django.http import HttpRequest, HttpResponse, JsonResponse
 
 import conndiag
@@ -65,9 +66,14 @@ def hatch_view(request: HttpRequest) -> HttpResponse:
 
 
 async def async_view(request: HttpRequest) -> HttpResponse:
-    alias = _alias(request)
-    item = await Item.objects.using(alias).acreate(name="async")
-    fetched = await Item.objects.using(alias).aget(pk=item.pk)
+    """The async ORM (Django 4.1+), or ``sync_to_async`` on Django 3.2/4.0."""
+    manager = Item.objects.using(_alias(request))
+    if hasattr(manager, "acreate"):
+        item = await manager.acreate(name="async")
+        fetched = await manager.aget(pk=item.pk)
+    else:
+        item = await sync_to_async(manager.create)(name="async")
+        fetched = await sync_to_async(manager.get)(pk=item.pk)
     return JsonResponse({"name": fetched.name})
 
 
