@@ -1,5 +1,6 @@
 """gunicorn configuration of the demo: several worker processes with several threads each,
-the way the original report's production ran. ``python -m gunicorn -c demo_site/demo/gunicorn_conf.py``.
+the way the original report's production ran:
+``python -m gunicorn -c demo_site/demo/gunicorn_conf.py``.
 
 Multi-process metrics: the runner sets ``PROMETHEUS_MULTIPROC_DIR`` to a fresh directory
 before gunicorn starts; every worker writes its samples there and ``/metrics`` merges them.
@@ -28,7 +29,7 @@ errorlog = "-"
 loglevel = "info"
 
 
-def child_exit(server, worker):  # noqa: ARG001 - gunicorn's hook signature
+def child_exit(server, worker):
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         from prometheus_client import multiprocess
 

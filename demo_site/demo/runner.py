@@ -64,8 +64,11 @@ def create_mysql_database(url: str) -> None:
 
     db = dburl.database_from_url(url)
     conn = MySQLdb.connect(
-        host=str(db["HOST"]), port=int(str(db["PORT"])), user=str(db["USER"]),
-        passwd=str(db["PASSWORD"]), charset="utf8mb4",
+        host=str(db["HOST"]),
+        port=int(str(db["PORT"])),
+        user=str(db["USER"]),
+        passwd=str(db["PASSWORD"]),
+        charset="utf8mb4",
     )
     try:
         name = str(db["NAME"]).replace("`", "``")
@@ -79,7 +82,9 @@ def drop_mysql_database(url: str) -> None:
 
     db = dburl.database_from_url(url)
     conn = MySQLdb.connect(
-        host=str(db["HOST"]), port=int(str(db["PORT"])), user=str(db["USER"]),
+        host=str(db["HOST"]),
+        port=int(str(db["PORT"])),
+        user=str(db["USER"]),
         passwd=str(db["PASSWORD"]),
     )
     try:
@@ -105,7 +110,8 @@ def parse_metrics(text: str) -> list[tuple[str, dict[str, str], float]]:
 
 def metric_sum(samples: list[tuple[str, dict[str, str], float]], name: str, **labels: str) -> float:
     return sum(
-        value for sname, slabels, value in samples
+        value
+        for sname, slabels, value in samples
         if sname == name and all(slabels.get(k) == v for k, v in labels.items())
     )
 
@@ -184,8 +190,9 @@ class Summary:
         return "\n".join(lines)
 
 
-def summarize(metrics_text: str | None, events: list[dict[str, Any]],
-              metrics_error: str | None = None) -> Summary:
+def summarize(
+    metrics_text: str | None, events: list[dict[str, Any]], metrics_error: str | None = None
+) -> Summary:
     summary = Summary(metrics_error=metrics_error)
     if metrics_text is not None:
         samples = parse_metrics(metrics_text)
@@ -236,8 +243,8 @@ class Demo:
         self.log_file = log_file or self.var_dir / "demo.log"
         self.workers = workers
         self.threads = threads
-        self.server_output = server_output if server_output is not None else (
-            self.var_dir / "gunicorn.log"
+        self.server_output = (
+            server_output if server_output is not None else (self.var_dir / "gunicorn.log")
         )
         self.extra_env = extra_env or {}
         self.url = f"http://127.0.0.1:{self.port}"
@@ -277,10 +284,14 @@ class Demo:
 
     def manage(self, *args: str, timeout: float = 120, capture: bool = False) -> str:
         """Run ``manage.py`` with the demo's environment; raise :class:`DemoError` on failure."""
-        proc = subprocess.run(  # noqa: S603
+        proc = subprocess.run(
             [self.python, str(SITE_DIR / "manage.py"), *args],
-            env=self.env(), cwd=str(REPO_DIR), timeout=timeout,
-            stdout=subprocess.PIPE if capture else None, text=True, check=False,
+            env=self.env(),
+            cwd=str(REPO_DIR),
+            timeout=timeout,
+            stdout=subprocess.PIPE if capture else None,
+            text=True,
+            check=False,
         )
         if proc.returncode != 0:
             msg = f"manage.py {' '.join(args)} failed with exit status {proc.returncode}"
@@ -312,9 +323,12 @@ class Demo:
             output: Any = self._output_file
         else:
             output = self.server_output
-        self.process = subprocess.Popen(  # noqa: S603
+        self.process = subprocess.Popen(
             [self.python, "-m", "gunicorn", "-c", str(SITE_DIR / "demo" / "gunicorn_conf.py")],
-            env=self.env(), cwd=str(SITE_DIR), stdout=output, stderr=subprocess.STDOUT,
+            env=self.env(),
+            cwd=str(SITE_DIR),
+            stdout=output,
+            stderr=subprocess.STDOUT,
             start_new_session=True,  # its own process group: stop() signals all of it
         )
         self.wait_ready(ready_timeout)
@@ -329,19 +343,37 @@ class Demo:
                 )
                 raise DemoError(msg)
             try:
-                with urllib.request.urlopen(self.url + "/", timeout=2) as resp:  # noqa: S310
+                with urllib.request.urlopen(self.url + "/", timeout=2) as resp:
                     if resp.status == 200:
                         return
             except (urllib.error.URLError, OSError):
                 pass
             time.sleep(0.2)
-        msg = f"gunicorn did not answer on {self.url} within {timeout:.0f} s; see {self.server_output}"
+        msg = (
+            f"gunicorn did not answer on {self.url} within {timeout:.0f} s; "
+            f"see {self.server_output}"
+        )
         raise DemoError(msg)
 
-    def load(self, requests: int = 60, concurrency: int = 6, timeout: float = 60,
-             endpoints: list[str] | None = None, progress: bool = True) -> str:
-        args = ["load", "--url", self.url, "--requests", str(requests),
-                "--concurrency", str(concurrency), "--timeout", str(timeout)]
+    def load(
+        self,
+        requests: int = 60,
+        concurrency: int = 6,
+        timeout: float = 60,
+        endpoints: list[str] | None = None,
+        progress: bool = True,
+    ) -> str:
+        args = [
+            "load",
+            "--url",
+            self.url,
+            "--requests",
+            str(requests),
+            "--concurrency",
+            str(concurrency),
+            "--timeout",
+            str(timeout),
+        ]
         if endpoints:
             args += ["--endpoints", *endpoints]
         if not progress:
@@ -350,9 +382,9 @@ class Demo:
 
     def get(self, path: str, method: str = "GET", timeout: float = 10) -> tuple[int, str]:
         data = b"{}" if method == "POST" else None
-        req = urllib.request.Request(self.url + path, data=data, method=method)  # noqa: S310
+        req = urllib.request.Request(self.url + path, data=data, method=method)
         try:
-            with urllib.request.urlopen(req, timeout=timeout) as resp:  # noqa: S310
+            with urllib.request.urlopen(req, timeout=timeout) as resp:
                 return int(resp.status), resp.read().decode("utf-8", "replace")
         except urllib.error.HTTPError as exc:
             return int(exc.code), exc.read().decode("utf-8", "replace")
@@ -380,10 +412,8 @@ class Demo:
         if proc is not None:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGTERM)
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=grace)
-            except subprocess.TimeoutExpired:
-                pass
             # Workers left behind by a master that died get the same treatment.
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
@@ -420,17 +450,26 @@ def _on_signal(signum: int, frame: object) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="scripts/demo", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--mysql", action="store_true",
-                        help=f"use MySQL/MariaDB (DATABASE_URL, default {DEFAULT_MYSQL_URL})")
-    parser.add_argument("--once", action="store_true",
-                        help="exit after the summary instead of serving (also DEMO_NO_SERVE=1)")
+    parser.add_argument(
+        "--mysql",
+        action="store_true",
+        help=f"use MySQL/MariaDB (DATABASE_URL, default {DEFAULT_MYSQL_URL})",
+    )
+    parser.add_argument(
+        "--once",
+        action="store_true",
+        help="exit after the summary instead of serving (also DEMO_NO_SERVE=1)",
+    )
     parser.add_argument("--port", type=int, default=int(os.environ.get("DEMO_PORT", "8000")))
     parser.add_argument("--workers", type=int, default=int(os.environ.get("DEMO_WORKERS", "3")))
     parser.add_argument("--threads", type=int, default=int(os.environ.get("DEMO_THREADS", "4")))
     parser.add_argument("--requests", type=int, default=120, help="size of the traffic burst")
     parser.add_argument("--concurrency", type=int, default=8)
-    parser.add_argument("--follow", action="store_true",
-                        help="print the server's output (and log lines) on this terminal")
+    parser.add_argument(
+        "--follow",
+        action="store_true",
+        help="print the server's output (and log lines) on this terminal",
+    )
     args = parser.parse_args(argv)
 
     database_url = os.environ.get("DATABASE_URL") or None
@@ -442,9 +481,12 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, _on_signal)
     var_dir = Path(os.environ.get("DEMO_VAR_DIR", SITE_DIR / "var"))
     demo = Demo(
-        port=args.port, database_url=database_url, var_dir=var_dir,
+        port=args.port,
+        database_url=database_url,
+        var_dir=var_dir,
         log_file=Path(os.environ["DEMO_LOG_FILE"]) if os.environ.get("DEMO_LOG_FILE") else None,
-        workers=args.workers, threads=args.threads,
+        workers=args.workers,
+        threads=args.threads,
         server_output=sys.stdout if args.follow else None,
         extra_env={"DEMO_LOG_STDOUT": "1"} if args.follow else None,
     )
@@ -468,7 +510,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"Site:     {demo.url}/  (jobs: {demo.url}/jobs/)")
             print(f"Metrics:  {demo.url}/metrics")
             print(f"Log file: {demo.log_file}  (server output: {demo.server_output})")
-            print(f"          try: grep '{REFUSED}' {demo.log_file} | head -1 | python -m json.tool")
+            print(
+                f"          try: grep '{REFUSED}' {demo.log_file} | head -1 | python -m json.tool"
+            )
             print()
             print(summary.render())
             print(flush=True)

@@ -1,23 +1,21 @@
 """Settings of conndiag's demo site. Everything that changes between runs comes from the
 environment, so each failure mode can be shown without editing this file.
 
-=========================  =========================================================  ==========
-variable                   meaning                                                    default
-=========================  =========================================================  ==========
-DATABASE_URL               ``mysql://user:pass@host:port/name`` or ``sqlite:///path``  SQLite in
-                                                                                      ``var/``
-DEMO_CONN_MAX_AGE          ``CONN_MAX_AGE`` in seconds, or ``none`` (persistent)      ``0``
-DEMO_CONN_HEALTH_CHECKS    ``CONN_HEALTH_CHECKS`` (``1``/``0``)                       ``0``
-DEMO_LOG_FILE              JSON log file (empty: no file)                             ``var/demo.log``
-DEMO_LOG_STDOUT            also log to stdout (``1``/``0``)                           ``1``
-DEMO_LOG_FORMAT            ``json`` or ``console``                                    ``json``
-DEMO_LOG_LEVEL             level of the site's and Django's logs                      ``info``
-DEMO_QUERY_LOG_LEVEL       ``CONNDIAG["QUERY_LOG_LEVEL"]`` (per-query events)         ``info``
-DEMO_CONNDIAG_LOG_LEVEL    level of the ``conndiag`` logger (``warning`` hides the    as above
-                           per-query events, keeps the anomalies)
-DEMO_DETACHED_POLICY       ``CONNDIAG["POLICY"]["detached"]``: raise, log, ignore     ``raise``
-DEMO_LOG_SQL               ``CONNDIAG["LOG_SQL"]`` (``1``/``0``)                      ``1``
-=========================  =========================================================  ==========
+Variable                  Meaning (default)
+DATABASE_URL              mysql://user:pass@host:port/name or sqlite:///path
+                          (default: SQLite in demo_site/var/demo.sqlite3)
+DEMO_CONN_MAX_AGE         CONN_MAX_AGE in seconds, or "none" for persistent connections (0)
+DEMO_CONN_HEALTH_CHECKS   CONN_HEALTH_CHECKS, 1 or 0 (0)
+DEMO_VAR_DIR              where the SQLite file and the log go (demo_site/var)
+DEMO_LOG_FILE             the JSON log file; empty for none (DEMO_VAR_DIR/demo.log)
+DEMO_LOG_STDOUT           also log to stdout, 1 or 0 (1)
+DEMO_LOG_FORMAT           json or console (json)
+DEMO_LOG_LEVEL            level of the site's and Django's logs (info)
+DEMO_QUERY_LOG_LEVEL      CONNDIAG["QUERY_LOG_LEVEL"], the level of per-query events (info)
+DEMO_CONNDIAG_LOG_LEVEL   level of the "conndiag" logger; "warning" hides the per-query
+                          events and keeps the anomalies (DEMO_QUERY_LOG_LEVEL)
+DEMO_DETACHED_POLICY      CONNDIAG["POLICY"]["detached"]: raise, log or ignore (raise)
+DEMO_LOG_SQL              CONNDIAG["LOG_SQL"], 1 or 0 (1)
 """
 
 from __future__ import annotations

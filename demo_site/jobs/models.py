@@ -41,8 +41,11 @@ class JobRecord(models.Model):
         Every step is a real query, so conndiag sees (and classifies) each of them.
         """
         job = cls.objects.create(
-            name=str(params.get("name", "job")), params=params, runner=runner,
-            create_username=username, update_username=username,
+            name=str(params.get("name", "job")),
+            params=params,
+            runner=runner,
+            create_username=username,
+            update_username=username,
         )
         job.status = cls.Status.RUNNING
         job.save(update_fields=["status", "updated_at"])

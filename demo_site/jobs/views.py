@@ -55,7 +55,9 @@ def _username(request: HttpRequest) -> str:
     return getattr(user, "username", "") or request.headers.get("X-User", "ops")
 
 
-def _run_job(params: dict[str, Any], username: str, runner: str, origin_request_id: str | None) -> None:
+def _run_job(
+    params: dict[str, Any], username: str, runner: str, origin_request_id: str | None
+) -> None:
     """The body of the threads the broken endpoints start: log the outcome, never crash."""
     try:
         job = JobRecord.perform(params, username=username, runner=runner)
@@ -63,15 +65,22 @@ def _run_job(params: dict[str, Any], username: str, runner: str, origin_request_
         # The work is lost, after the response already said "success". conndiag refused
         # the first query and said why in the exception (and in conndiag.query.refused).
         log.error(
-            "jobs.job.lost", runner=runner, origin_request_id=origin_request_id,
-            error=type(exc).__name__, context=exc.context, request_path=exc.request_path,
+            "jobs.job.lost",
+            runner=runner,
+            origin_request_id=origin_request_id,
+            error=type(exc).__name__,
+            context=exc.context,
+            request_path=exc.request_path,
         )
     except Exception as exc:
-        log.exception("jobs.job.failed", runner=runner, origin_request_id=origin_request_id,
-                      error=type(exc).__name__)
+        log.exception(
+            "jobs.job.failed",
+            runner=runner,
+            origin_request_id=origin_request_id,
+            error=type(exc).__name__,
+        )
     else:
-        log.info("jobs.job.done", runner=runner, job_id=job.pk,
-                 origin_request_id=origin_request_id)
+        log.info("jobs.job.done", runner=runner, job_id=job.pk, origin_request_id=origin_request_id)
 
 
 def _run_job_background(
@@ -118,7 +127,8 @@ class OpsView(View):
     def trigger_job_in_thread(self, request: HttpRequest) -> HttpResponse:
         """The original report's bug: ORM work in a thread the view started."""
         thread = threading.Thread(
-            target=_run_job, name="jobs-thread",
+            target=_run_job,
+            name="jobs-thread",
             args=(_params(request), _username(request), "thread", self._request_id()),
         )
         thread.start()
@@ -132,7 +142,8 @@ class OpsView(View):
     def trigger_job_background(self, request: HttpRequest) -> HttpResponse:
         """Deliberate background work, done right with ``conndiag.background_db_work()``."""
         thread = threading.Thread(
-            target=_run_job_background, name="jobs-background",
+            target=_run_job_background,
+            name="jobs-background",
             args=(_params(request), _username(request), self._request_id()),
         )
         thread.start()
@@ -151,8 +162,12 @@ def index(request: HttpRequest) -> HttpResponse:
 async def async_jobs(request: HttpRequest) -> HttpResponse:
     """The async ORM: every query runs on the request's thread, so it is ``request``."""
     job = await JobRecord.objects.acreate(
-        name="async", params={"via": "async"}, runner="async",
-        status=JobRecord.Status.DONE, create_username="async", update_username="async",
+        name="async",
+        params={"via": "async"},
+        runner="async",
+        status=JobRecord.Status.DONE,
+        create_username="async",
+        update_username="async",
     )
     fetched = await JobRecord.objects.aget(pk=job.pk)
     total = await JobRecord.objects.acount()
