@@ -55,6 +55,9 @@ class Config:
     server_facts_ttl: float = 300.0
     replace_stale: bool = False
     stale_margin: float = 0.0
+    #: connections per alias the deployment may open at once (workers x threads), for the
+    #: max_connections check; None: from the WEB_CONCURRENCY environment variable, if set
+    expected_connections: int | None = None
 
     @property
     def request_id_meta_key(self) -> str | None:
@@ -175,6 +178,10 @@ _KEYS: dict[str, tuple[str, Callable[[str, Any], Any]]] = {
     "SERVER_FACTS_TTL": ("server_facts_ttl", _number(1.0, 86_400.0)),
     "REPLACE_STALE": ("replace_stale", _bool),
     "STALE_MARGIN": ("stale_margin", _number(0.0, 3600.0)),
+    "EXPECTED_CONNECTIONS": (
+        "expected_connections",
+        lambda key, value: None if value is None else _int(1, 1_000_000)(key, value),
+    ),
 }
 
 
