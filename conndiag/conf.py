@@ -59,12 +59,13 @@ class Config:
     #: max_connections check; None: from the WEB_CONCURRENCY environment variable, if set
     expected_connections: int | None = None
 
-    @property
-    def request_id_meta_key(self) -> str | None:
-        """The ``request.META`` key of :attr:`request_id_header` (``HTTP_X_REQUEST_ID``)."""
-        if self.request_id_header is None:
-            return None
-        return "HTTP_" + self.request_id_header.upper().replace("-", "_")
+    #: the ``request.META`` key of :attr:`request_id_header` (``HTTP_X_REQUEST_ID``)
+    request_id_meta_key: str | None = field(init=False, default=None)
+
+    def __post_init__(self) -> None:
+        header = self.request_id_header
+        key = None if header is None else "HTTP_" + header.upper().replace("-", "_")
+        object.__setattr__(self, "request_id_meta_key", key)
 
 
 def _fail(key: str, value: object, allowed: str) -> ImproperlyConfigured:

@@ -10,9 +10,9 @@ request id header, method, path, view) and puts the scope in a context variable,
 
 from __future__ import annotations
 
+import random
 import re
 import time
-import uuid
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
 
@@ -86,7 +86,8 @@ class RequestScope:
         """The request id: the sane incoming header value, or one generated on first use."""
         rid = self._request_id
         if rid is None:
-            rid = self._request_id = uuid.uuid4().hex
+            # 128 random bits: unique, not secret (random is reseeded after fork).
+            rid = self._request_id = f"{random.getrandbits(128):032x}"
         return rid
 
     @property

@@ -10,4 +10,5 @@ urlpatterns = [
     path("async/", views.async_view, name="async"),
     path("async-to-thread/", views.async_to_thread_view, name="async-to-thread"),
     path("nothing/", views.nothing_view, name="nothing"),
+    path("bench/", views.bench_view, name="bench"),
 ]

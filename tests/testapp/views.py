@@ -85,3 +85,14 @@ def nothing_view(request: HttpRequest) -> HttpResponse:
     if START_HOOK is not None:
         START_HOOK()
     return HttpResponse("nothing")
+
+
+#: how many queries ``bench_view`` runs (set by tests/benchmark.py)
+BENCH_QUERIES = 10
+
+
+def bench_view(request: HttpRequest) -> HttpResponse:
+    manager = Item.objects.using(_alias(request))
+    for _ in range(BENCH_QUERIES):
+        manager.filter(pk=1).first()
+    return HttpResponse("ok")
