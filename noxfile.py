@@ -75,3 +75,10 @@ def suite(session: nox.Session, django: str) -> None:
 
 def _passthrough() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k.startswith("CONNDIAG_TEST_")}
+
+
+@nox.session(python=MAIN_PYTHON)
+def bench(session: nox.Session) -> None:
+    """The overhead benchmark against bare Django (tests/benchmark.py)."""
+    install(session, MAIN_DJANGO, "test")
+    session.run("python", "tests/benchmark.py", *session.posargs)
