@@ -78,11 +78,11 @@ class Run:
         self.responses = responses
         self.events: list[dict[str, Any]] = []
         self.metrics = ""
+        self.metrics_status = 0
 
     def refresh(self) -> None:
         self.events = self.demo.events()
-        status, self.metrics = self.demo.get("/metrics")
-        assert status == 200, self.metrics[:500]
+        self.metrics_status, self.metrics = self.demo.get("/metrics")
 
 
 @pytest.fixture(
@@ -128,7 +128,16 @@ def demo_run(
                 )
             ), "the threads of the broken and background endpoints did not log in time"
             run.responses["/jobs/"] = demo.get("/jobs/")
-            run.refresh()
+
+            # Other workers' numbers reach /metrics within conndiag's flush interval (1 s).
+            def counted() -> bool:
+                run.refresh()
+                if run.metrics_status != 200:
+                    return False
+                samples = runner.parse_metrics(run.metrics)
+                return runner.metric_sum(samples, "conndiag_queries_total", context="detached") >= 2
+
+            _wait_for(counted, 10)
             yield run
     finally:
         if database_url is not None:
@@ -261,6 +270,7 @@ def test_log_lines_are_structured(demo_run: Run) -> None:
 @pytest.mark.slow
 def test_metrics_count_detached_queries(demo_run: Run) -> None:
     """/metrics (merged from every gunicorn worker) counts the refused detached queries."""
+    assert demo_run.metrics_status == 200, demo_run.metrics[:500]
     samples = runner.parse_metrics(demo_run.metrics)
     raised = runner.metric_sum(
         samples, "conndiag_queries_total", context="detached", action="raised"

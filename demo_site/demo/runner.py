@@ -50,7 +50,9 @@ def free_port() -> int:
 
 
 def port_in_use(port: int) -> bool:
+    """Whether something listens on 127.0.0.1:``port`` (TIME_WAIT leftovers do not count)."""
     with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(("127.0.0.1", port))
         except OSError:
@@ -504,7 +506,9 @@ def main(argv: list[str] | None = None) -> int:
             demo.start()
             print(f"==> driving {args.requests} requests through every endpoint", flush=True)
             print(demo.load(requests=args.requests, concurrency=args.concurrency), flush=True)
-            time.sleep(1.0)  # let the threads the broken endpoints started finish and log
+            # Let the threads the broken endpoints started finish and log, and every worker
+            # flush its numbers into the multi-process metrics (conndiag flushes every second).
+            time.sleep(2.0)
             summary = demo.summary()
             print()
             print(f"Site:     {demo.url}/  (jobs: {demo.url}/jobs/)")

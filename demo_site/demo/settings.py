@@ -6,6 +6,7 @@ DATABASE_URL              mysql://user:pass@host:port/name or sqlite:///path
                           (default: SQLite in demo_site/var/demo.sqlite3)
 DEMO_CONN_MAX_AGE         CONN_MAX_AGE in seconds, or "none" for persistent connections (0)
 DEMO_CONN_HEALTH_CHECKS   CONN_HEALTH_CHECKS, 1 or 0 (0)
+DEMO_MYSQL_WAIT_TIMEOUT   MySQL only: SET SESSION wait_timeout=N on connect (server's value)
 DEMO_VAR_DIR              where the SQLite file and the log go (demo_site/var)
 DEMO_LOG_FILE             the JSON log file; empty for none (DEMO_VAR_DIR/demo.log)
 DEMO_LOG_STDOUT           also log to stdout, 1 or 0 (1)
@@ -107,6 +108,12 @@ DATABASES = {
 }
 DATABASES["default"]["CONN_MAX_AGE"] = conn_max_age(os.environ.get("DEMO_CONN_MAX_AGE", "0"))
 DATABASES["default"]["CONN_HEALTH_CHECKS"] = _flag("DEMO_CONN_HEALTH_CHECKS", False)
+_wait_timeout = os.environ.get("DEMO_MYSQL_WAIT_TIMEOUT", "")
+if DATABASES["default"]["ENGINE"] == "django.db.backends.mysql" and _wait_timeout:
+    # A short server-side idle timeout for this site's sessions only: shows "gone away" fast.
+    DATABASES["default"]["OPTIONS"]["init_command"] = (  # type: ignore[index]
+        f"SET SESSION wait_timeout={int(_wait_timeout)}"
+    )
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     # Several gunicorn workers and threads write at once: wait for the lock, don't fail.
     DATABASES["default"]["OPTIONS"] = {"timeout": 20}
