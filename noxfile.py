@@ -47,9 +47,7 @@ def main(session: nox.Session) -> None:
     install(session, MAIN_DJANGO, "test")
     env = {"CONNDIAG_TEST_DB_SUFFIX": "_main"}
     session.run("coverage", "erase")
-    session.run(
-        "coverage", "run", "-m", "pytest", *(session.posargs or ["tests"]), env=env
-    )
+    session.run("coverage", "run", "-m", "pytest", *(session.posargs or ["tests"]), env=env)
     session.run("coverage", "combine", success_codes=[0, 1])
     session.run("coverage", "report")
 
@@ -68,7 +66,13 @@ def suite(session: nox.Session, django: str) -> None:
     install(session, django, "test")
     suffix = "_" + (session.python or "x").replace(".", "") + "_" + django.replace(".", "")
     session.run(
-        "python", "-m", "pytest", "-m", "not slow", "-q", *session.posargs,
+        "python",
+        "-m",
+        "pytest",
+        "-m",
+        "not slow",
+        "-q",
+        *session.posargs,
         env={"CONNDIAG_TEST_DB_SUFFIX": suffix, **_passthrough()},
     )
 

@@ -42,13 +42,11 @@ def _initialized() -> list[BaseDatabaseWrapper]:
 
 def _is_stale(state: ConnState | None) -> bool:
     return (
-        state is not None
-        and state.wait_timeout is not None
-        and state.idle() >= state.wait_timeout
+        state is not None and state.wait_timeout is not None and state.idle() >= state.wait_timeout
     )
 
 
-class background_db_work(ContextDecorator):  # noqa: N801 - used like a function
+class background_db_work(ContextDecorator):
     """Run deliberate background database work correctly (context manager and decorator)."""
 
     def __init__(self) -> None:

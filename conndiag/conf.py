@@ -146,9 +146,7 @@ def _policy(key: str, value: object) -> Mapping[str, str]:
     return merged
 
 
-def _networks(
-    key: str, value: object
-) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+def _networks(key: str, value: object) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
     if isinstance(value, str) or not isinstance(value, list | tuple):
         raise _fail(key, value, "a list of IP addresses or networks such as '10.0.0.0/8'")
     networks = []
@@ -195,10 +193,7 @@ def parse(raw: object) -> Config:
     values: dict[str, Any] = {}
     for key, value in raw.items():
         if key not in _KEYS:
-            msg = (
-                f"CONNDIAG has an unknown key {key!r}. "
-                f"Allowed keys: {', '.join(sorted(_KEYS))}."
-            )
+            msg = f"CONNDIAG has an unknown key {key!r}. Allowed keys: {', '.join(sorted(_KEYS))}."
             raise ImproperlyConfigured(msg)
         attr, check = _KEYS[key]
         values[attr] = check(key, value)

@@ -58,8 +58,12 @@ EVENTS = (
 #: close reasons logged at warning level (the others are routine, at info)
 WARN_CLOSE_REASONS = frozenset({"abandoned", "unusable", "health_check_failed", "replaced_stale"})
 
-_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
-           "error": logging.ERROR}
+_LEVELS = {
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+}
 _LEVEL_CACHE_SECONDS = 1.0
 
 
@@ -78,8 +82,13 @@ def thread_fields(info: ThreadInfo) -> dict[str, Any]:
 
 def request_fields(rs: RequestScope | None) -> dict[str, Any]:
     if rs is None:
-        return {"request_id": None, "request_method": None, "request_path": None, "view": None,
-                "request_returned_s": None}
+        return {
+            "request_id": None,
+            "request_method": None,
+            "request_path": None,
+            "view": None,
+            "request_returned_s": None,
+        }
     return {
         "request_id": rs.request_id,
         "request_method": rs.method,
@@ -207,13 +216,25 @@ class EventLog:
         self._log(level, CONNECTION_CLOSED, **fields)
 
     def connect_failed(
-        self, alias: str, vendor: str, info: ThreadInfo, context: str, duration: float,
+        self,
+        alias: str,
+        vendor: str,
+        info: ThreadInfo,
+        context: str,
+        duration: float,
         diagnosis: Diagnosis,
     ) -> None:
         self._log(
-            "error", CONNECTION_FAILED, alias=alias, vendor=vendor, context=context,
-            duration_s=_r(duration), error_class=diagnosis.error_class,
-            error_code=diagnosis.code, cause=diagnosis.cause, **thread_fields(info),
+            "error",
+            CONNECTION_FAILED,
+            alias=alias,
+            vendor=vendor,
+            context=context,
+            duration_s=_r(duration),
+            error_class=diagnosis.error_class,
+            error_code=diagnosis.code,
+            cause=diagnosis.cause,
+            **thread_fields(info),
         )
 
     def stale(self, q: Query, wait_timeout: float, replaced: bool) -> None:
@@ -227,13 +248,23 @@ class EventLog:
         self._log("warning", CONNECTION_STALE, **fields)
 
     def server_facts(self, state: ConnState, facts: dict[str, Any]) -> None:
-        self._log("info", SERVER_FACTS, alias=state.alias, vendor=state.vendor,
-                  connection_id=state.server_id, **facts)
+        self._log(
+            "info",
+            SERVER_FACTS,
+            alias=state.alias,
+            vendor=state.vendor,
+            connection_id=state.server_id,
+            **facts,
+        )
 
     def internal_error(self, component: str, error: BaseException, first: bool) -> None:
         if first:
-            self._log("error", INTERNAL_ERROR, component=component,
-                      error=f"{type(error).__name__}: {error}")
+            self._log(
+                "error",
+                INTERNAL_ERROR,
+                component=component,
+                error=f"{type(error).__name__}: {error}",
+            )
 
 
 def level_enabled(logger_name: str, level_no: int) -> bool:

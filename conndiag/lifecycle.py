@@ -82,9 +82,16 @@ def _connect(db: BaseDatabaseWrapper, original: Callable[[], None]) -> None:
         state.close_reason = "connect_failed"
         duration = time.perf_counter() - state.opened
         try:
-            rt.emit("connect_failed", db.alias, db.vendor, info, context, duration,
-                    diagnose(exc, None, info, context))
-        except Exception as internal:  # noqa: BLE001
+            rt.emit(
+                "connect_failed",
+                db.alias,
+                db.vendor,
+                info,
+                context,
+                duration,
+                diagnose(exc, None, info, context),
+            )
+        except Exception as internal:
             rt.internal_error("lifecycle.connect_failed", internal)
         raise
     try:
@@ -97,7 +104,7 @@ def _connect(db: BaseDatabaseWrapper, original: Callable[[], None]) -> None:
             db.__dict__[_FINALIZER_ATTR] = None
         rt.emit("connection_opened", state, info)
         serverfacts.on_connect(db, state, rt)
-    except Exception as internal:  # noqa: BLE001 - never break the application's connect
+    except Exception as internal:
         state.connecting = False
         rt.internal_error("lifecycle.connect", internal)
 
@@ -123,7 +130,7 @@ def _close(db: BaseDatabaseWrapper, original: Callable[[], None]) -> None:
         if state is not None:
             try:
                 mark_closed(db, state, reason)
-            except Exception as internal:  # noqa: BLE001
+            except Exception as internal:
                 runtime.get().internal_error("lifecycle.close", internal)
 
 
@@ -151,7 +158,7 @@ def _close_if_unusable_or_obsolete(db: BaseDatabaseWrapper, original: Callable[[
     if db.connection is not None:
         try:
             db.__dict__[_REASON_ATTR] = _obsolete_reason(db)
-        except Exception:  # noqa: BLE001 - let Django's own code meet the error
+        except Exception:
             db.__dict__.pop(_REASON_ATTR, None)
     try:
         original()

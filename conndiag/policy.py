@@ -67,7 +67,11 @@ def describe_connection(state: ConnState | None) -> str:
 
 
 def explain(
-    context: str, alias: str, vendor: str, state: ConnState | None, info: ThreadInfo,
+    context: str,
+    alias: str,
+    vendor: str,
+    state: ConnState | None,
+    info: ThreadInfo,
     rs: RequestScope | None,
 ) -> str:
     """The plain-words account of a query in ``context`` (used in errors and warnings)."""
@@ -80,8 +84,7 @@ def explain(
     if context == "forked":
         assert_state = state.pid if state is not None else "another process"
         return (
-            f"{where} uses a {conn} that process {assert_state} opened. {WHY_FORKED} "
-            f"{FIX_FORKED}"
+            f"{where} uses a {conn} that process {assert_state} opened. {WHY_FORKED} {FIX_FORKED}"
         )
     if context == "detached":
         return (
@@ -94,7 +97,11 @@ def explain(
 
 
 def refusal(
-    context: str, alias: str, vendor: str, state: ConnState | None, info: ThreadInfo,
+    context: str,
+    alias: str,
+    vendor: str,
+    state: ConnState | None,
+    info: ThreadInfo,
     rs: RequestScope | None,
 ) -> UnsafeQueryError:
     """The exception to raise for a refused query, carrying the facts as attributes."""

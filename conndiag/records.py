@@ -99,7 +99,12 @@ class Recorder(Protocol):
         """After a connection was closed, or found abandoned (``reason``)."""
 
     def connect_failed(
-        self, alias: str, vendor: str, info: ThreadInfo, context: str, duration: float,
+        self,
+        alias: str,
+        vendor: str,
+        info: ThreadInfo,
+        context: str,
+        duration: float,
         diagnosis: Diagnosis,
     ) -> None:
         """After an attempt to connect failed."""

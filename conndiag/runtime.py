@@ -32,7 +32,7 @@ class Runtime:
         for recorder in self.recorders:
             try:
                 recorder.query(q)
-            except Exception as exc:  # noqa: BLE001 - never break the application's query
+            except Exception as exc:
                 self.internal_error(f"{type(recorder).__name__}.query", exc)
 
     def emit(self, method: str, *args: Any) -> None:
@@ -40,7 +40,7 @@ class Runtime:
         for recorder in self.recorders:
             try:
                 getattr(recorder, method)(*args)
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:
                 self.internal_error(f"{type(recorder).__name__}.{method}", exc)
 
     def internal_error(self, component: str, error: BaseException) -> None:
@@ -53,7 +53,7 @@ class Runtime:
         for recorder in self.recorders:
             try:
                 recorder.internal_error(component, error, first)
-            except Exception:  # noqa: BLE001, S110 - the reporter itself failed; nothing left to tell
+            except Exception:  # noqa: S110 - the reporter itself failed; nothing left to tell
                 pass
 
 

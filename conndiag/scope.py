@@ -142,7 +142,9 @@ class RequestScope:
         return what
 
 
-def on_request_started(sender: object, environ: Any = None, scope: Any = None, **kwargs: Any) -> None:
+def on_request_started(
+    sender: object, environ: Any = None, scope: Any = None, **kwargs: Any
+) -> None:
     """``request_started`` receiver: this thread now serves a request."""
     info = threads.current()
     rs = RequestScope(info)

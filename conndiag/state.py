@@ -52,7 +52,9 @@ class ConnState:
         "wait_timeout",
     )
 
-    def __init__(self, db: BaseDatabaseWrapper, opened_by: threads.ThreadInfo, context: str) -> None:
+    def __init__(
+        self, db: BaseDatabaseWrapper, opened_by: threads.ThreadInfo, context: str
+    ) -> None:
         self.alias: str = db.alias
         self.vendor: str = db.vendor
         self.opened = time.perf_counter()
@@ -104,7 +106,7 @@ def server_connection_id(raw: Any) -> int | None:
     if thread_id is not None:
         try:
             return int(thread_id())
-        except Exception:  # noqa: BLE001 - a driver quirk must not break the connect
+        except Exception:
             return None
     pid = getattr(raw, "info", None)  # psycopg 3: ConnectionInfo.backend_pid
     backend_pid = getattr(pid, "backend_pid", None)
@@ -114,7 +116,7 @@ def server_connection_id(raw: Any) -> int | None:
     if get_pid is not None:
         try:
             return int(get_pid())
-        except Exception:  # noqa: BLE001
+        except Exception:
             return None
     return None
 

@@ -147,7 +147,7 @@ def install_tracking() -> None:
     global _tracking
     if not _tracking:
         threading.Thread.start = functools.wraps(_ORIGINAL_START)(_start)  # type: ignore[method-assign]
-        ThreadPoolExecutor.submit = functools.wraps(_ORIGINAL_SUBMIT)(_submit)  # type: ignore[method-assign]
+        ThreadPoolExecutor.submit = functools.wraps(_ORIGINAL_SUBMIT)(_submit)  # type: ignore[method-assign,assignment,arg-type]
         _tracking = True
 
 

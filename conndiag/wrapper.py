@@ -52,9 +52,19 @@ class ExecuteWrapper:
             action = rt.policy[ctx]
             start = perf_counter()
             last = state.last_used
-            q = Query(db, state, info, ctx, rs, action, sql, params, many,
-                      start - (state.opened if last is None else last))
-        except Exception as internal:  # noqa: BLE001 - never break the application's query
+            q = Query(
+                db,
+                state,
+                info,
+                ctx,
+                rs,
+                action,
+                sql,
+                params,
+                many,
+                start - (state.opened if last is None else last),
+            )
+        except Exception as internal:
             rt.internal_error("wrapper.classify", internal)
             return execute(sql, params, many, context)
         if action == "raise":
@@ -73,7 +83,7 @@ class ExecuteWrapper:
             q.error = exc
             try:
                 q.diagnosis = diagnose(exc, state, info, ctx, rs, q.idle)
-            except Exception as internal:  # noqa: BLE001
+            except Exception as internal:
                 rt.internal_error("wrapper.diagnose", internal)
             rt.record_query(q)
             raise

@@ -44,8 +44,9 @@ def setup_django(vendors: list[str]) -> None:
         import MySQLdb
 
         db = settings.DATABASES["mysql"]
-        conn = MySQLdb.connect(host=db["HOST"], port=int(db["PORT"]), user=db["USER"],
-                               password=db["PASSWORD"])
+        conn = MySQLdb.connect(
+            host=db["HOST"], port=int(db["PORT"]), user=db["USER"], password=db["PASSWORD"]
+        )
         conn.cursor().execute("CREATE DATABASE IF NOT EXISTS conndiag_bench")
         conn.close()
         db["NAME"] = "conndiag_bench"
@@ -67,8 +68,7 @@ class Switch:
 
         self.log_file = open(log_path, "w")  # noqa: SIM115 - closed in close()
         self.with_mw = WSGIHandler()
-        mw = [m for m in __import__("django.conf").conf.settings.MIDDLEWARE
-              if "conndiag" not in m]
+        mw = [m for m in __import__("django.conf").conf.settings.MIDDLEWARE if "conndiag" not in m]
         with override_settings(MIDDLEWARE=mw):
             self.without_mw = WSGIHandler()
 
@@ -97,9 +97,11 @@ class Switch:
             request_finished.disconnect(dispatch_uid="conndiag.finished")
         if variant == "json-log":
             structlog.configure(
-                processors=[structlog.processors.add_log_level,
-                            structlog.processors.TimeStamper(fmt="iso"),
-                            structlog.processors.JSONRenderer()],
+                processors=[
+                    structlog.processors.add_log_level,
+                    structlog.processors.TimeStamper(fmt="iso"),
+                    structlog.processors.JSONRenderer(),
+                ],
                 wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG),
                 logger_factory=structlog.WriteLoggerFactory(self.log_file),
                 cache_logger_on_first_use=True,
@@ -167,15 +169,14 @@ def main() -> None:
     for vendor in vendors:
         alias = "default" if vendor == "sqlite" else "mysql"
         connections[alias].settings_dict["CONN_MAX_AGE"] = None  # keep one connection
-        workloads[f"{vendor}: ORM query, no request (per query)"] = (
-            lambda h, a=alias: query_loop(a, args.queries)
+        workloads[f"{vendor}: ORM query, no request (per query)"] = lambda h, a=alias: query_loop(
+            a, args.queries
         )
-        workloads[f"{vendor}: ORM query in a WSGI request (per query)"] = (
-            lambda h, a=alias: request_loop(h, "/bench/", f"db={a}", args.requests)
-            / QUERIES_PER_REQUEST
+        workloads[f"{vendor}: ORM query in a WSGI request (per query)"] = lambda h, a=alias: (
+            request_loop(h, "/bench/", f"db={a}", args.requests) / QUERIES_PER_REQUEST
         )
-    workloads["empty WSGI request (per request)"] = (
-        lambda h: request_loop(h, "/nothing/", "", args.requests)
+    workloads["empty WSGI request (per request)"] = lambda h: request_loop(
+        h, "/nothing/", "", args.requests
     )
     results: dict[tuple[str, str], list[float]] = {}
     for handler_name, _ in [(v, None) for v in VARIANTS]:

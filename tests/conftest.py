@@ -41,18 +41,31 @@ def _start_private_mariadb() -> tuple[str, int] | None:
     if server is None or install_db is None:
         return None
     datadir = tempfile.mkdtemp(prefix="conndiag-mariadb-")
-    subprocess.run(  # noqa: S603
-        [install_db, f"--datadir={datadir}", "--auth-root-authentication-method=normal",
-         "--user=root"],
-        check=True, capture_output=True,
+    subprocess.run(
+        [
+            install_db,
+            f"--datadir={datadir}",
+            "--auth-root-authentication-method=normal",
+            "--user=root",
+        ],
+        check=True,
+        capture_output=True,
     )
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    subprocess.Popen(  # noqa: S603
-        [server, f"--datadir={datadir}", f"--port={port}", "--bind-address=127.0.0.1",
-         f"--socket={datadir}/mysqld.sock", "--user=root"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    subprocess.Popen(
+        [
+            server,
+            f"--datadir={datadir}",
+            f"--port={port}",
+            "--bind-address=127.0.0.1",
+            f"--socket={datadir}/mysqld.sock",
+            "--user=root",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
     )
     for _ in range(100):
         if _reachable("127.0.0.1", port):

@@ -21,7 +21,9 @@ from django.core.handlers.asgi import ASGIHandler
 from django.core.handlers.wsgi import WSGIHandler
 
 
-def wsgi_get(path: str, query: str = "", headers: dict[str, str] | None = None) -> tuple[str, bytes]:
+def wsgi_get(
+    path: str, query: str = "", headers: dict[str, str] | None = None
+) -> tuple[str, bytes]:
     """One GET through ``WSGIHandler`` on this thread, closed like a server closes it."""
     environ: dict[str, Any] = {"PATH_INFO": path, "QUERY_STRING": query, "REQUEST_METHOD": "GET"}
     for name, value in (headers or {}).items():
@@ -87,8 +89,9 @@ class _QuietHandler(WSGIRequestHandler):
 @contextmanager
 def threaded_wsgi_server() -> Iterator[str]:
     """A real threaded WSGI server (one thread per request) on a free loopback port."""
-    server = make_server("127.0.0.1", 0, WSGIHandler(), server_class=_ThreadingServer,
-                         handler_class=_QuietHandler)
+    server = make_server(
+        "127.0.0.1", 0, WSGIHandler(), server_class=_ThreadingServer, handler_class=_QuietHandler
+    )
     thread = threading.Thread(target=server.serve_forever, name="test-wsgi-server", daemon=True)
     thread.start()
     try:
@@ -100,5 +103,5 @@ def threaded_wsgi_server() -> Iterator[str]:
 
 
 def http_json(url: str) -> Any:
-    with urllib.request.urlopen(url, timeout=30) as response:  # noqa: S310 - loopback only
+    with urllib.request.urlopen(url, timeout=30) as response:
         return json.loads(response.read())

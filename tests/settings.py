@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from urllib.parse import unquote, urlsplit
 
-SECRET_KEY = "conndiag-tests-not-secret"  # noqa: S105
+SECRET_KEY = "conndiag-tests-not-secret"
 DEBUG = False
 USE_TZ = True
 ALLOWED_HOSTS = ["*"]

@@ -196,7 +196,7 @@ def test_connection_used_after_fork_is_refused(alias):
             Item.objects.using(alias).count()
         except conndiag.ForkedConnectionError as exc:
             code = f"refused:{exc.context}:{exc.connection_opened_by_pid == os.getppid()}"
-        except BaseException as exc:  # noqa: BLE001
+        except BaseException as exc:
             code = f"error:{type(exc).__name__}"
         os.write(write, code.encode())
         os._exit(0)

@@ -89,6 +89,8 @@ def test_a_bad_setting_fails_at_start_up():
     """install() (run by AppConfig.ready) parses the setting, so a bad key fails at start-up."""
     from conndiag.install import install
 
-    with pytest.raises(ImproperlyConfigured, match=r"CONNDIAG\['POLICY'\]\['detached'\] = 'sometimes'"):
+    with pytest.raises(
+        ImproperlyConfigured, match=r"CONNDIAG\['POLICY'\]\['detached'\] = 'sometimes'"
+    ):
         with override_settings(CONNDIAG={"POLICY": {"detached": "sometimes"}}):
             install()

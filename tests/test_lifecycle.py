@@ -156,5 +156,10 @@ def test_connect_failure_is_reported(events):
 def test_close_reasons_are_documented():
     """Every close reason is in the fixed list (the metrics' bounded ``reason`` label)."""
     assert set(CLOSE_REASONS) >= {
-        "max_age", "request_end", "unusable", "health_check_failed", "explicit", "abandoned",
+        "max_age",
+        "request_end",
+        "unusable",
+        "health_check_failed",
+        "explicit",
+        "abandoned",
     }

@@ -26,8 +26,16 @@ def test_detached_refusal_names_request_thread_and_fix():
     assert isinstance(exc, DetachedQueryError)
     assert isinstance(exc, UnsafeQueryError) and isinstance(exc, ConnDiagError)
     text = str(exc)
-    for needle in ("POST /ops/trigger-job", "ops-trigger-job", "returned", "wait_timeout",
-                   "2006", "task queue", "conndiag.background_db_work()", "'log'"):
+    for needle in (
+        "POST /ops/trigger-job",
+        "ops-trigger-job",
+        "returned",
+        "wait_timeout",
+        "2006",
+        "task queue",
+        "conndiag.background_db_work()",
+        "'log'",
+    ):
         assert needle in text, needle
     assert exc.request_path == "/ops/trigger-job"
     assert exc.thread_name == threads.current().name

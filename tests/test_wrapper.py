@@ -93,7 +93,7 @@ def test_executemany_generator_is_not_consumed():
     """executemany with a generator of params still inserts every row."""
     with connections["mysql"].cursor() as cursor:
         cursor.executemany(
-            "INSERT INTO testapp_item (name) VALUES (%s)", (("g%d" % i,) for i in range(5))
+            "INSERT INTO testapp_item (name) VALUES (%s)", ((f"g{i}",) for i in range(5))
         )
     assert Item.objects.using("mysql").count() == 5
 
