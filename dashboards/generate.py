@@ -440,12 +440,12 @@ def metrics_dashboard(config: dict[str, Any]) -> dict[str, Any]:
                 "s",
                 [_prom_target(
                     "time() - min by (instance, alias) "
-                    f"(conndiag_oldest_connection_opened_timestamp_seconds{{{V_ALIAS}}} > 0)",
+                    f"(conndiag_oldest_connection_opened_timestamp_seconds{{{V_ALIAS}}} < +Inf)",
                     "oldest {{instance}} {{alias}}", "A"),
                  _prom_target(
                     "time() - min by (instance, alias) "
                     "(conndiag_longest_idle_connection_last_used_timestamp_seconds"
-                    f"{{{V_ALIAS}}} > 0)",
+                    f"{{{V_ALIAS}}} < +Inf)",
                     "longest idle {{instance}} {{alias}}", "B"),
                  wait_timeout],
                 threshold_ref=wait_line),
@@ -723,10 +723,10 @@ def prometheus_rules(config: dict[str, Any]) -> dict[str, Any]:
          "expr": f"max by ({by}) (conndiag_server_wait_timeout_seconds{s()})"},
         {"record": R_LONGEST_IDLE,
          "expr": f"time() - min by ({by}) "
-                 f"(conndiag_longest_idle_connection_last_used_timestamp_seconds{s()} > 0)"},
+                 f"(conndiag_longest_idle_connection_last_used_timestamp_seconds{s()} < +Inf)"},
         {"record": R_OLDEST,
          "expr": f"time() - min by ({by}) "
-                 f"(conndiag_oldest_connection_opened_timestamp_seconds{s()} > 0)"},
+                 f"(conndiag_oldest_connection_opened_timestamp_seconds{s()} < +Inf)"},
         {"record": opened_rate,
          "expr": f"sum by ({by}) (rate(conndiag_connections_opened_total{s()}[{window}]))"},
     ]
@@ -935,12 +935,12 @@ def promtool_tests(config: dict[str, Any], rules: dict[str, Any]) -> dict[str, d
                   f"1x{n + 1}"),
           _series("conndiag_server_wait_timeout_seconds", f"{wait}x{n + 1}")],
          n, [_expect(by_name[name], **t)]),
-        ("stays quiet on busy connections and when none is open (gauge at 0)",
+        ("stays quiet on busy connections and when none is open (gauge at +Inf)",
          [_series("conndiag_longest_idle_connection_last_used_timestamp_seconds",
                   f"0+60x{n + 1}"),
           _series("conndiag_server_wait_timeout_seconds", f"{wait}x{n + 1}"),
           _series("conndiag_longest_idle_connection_last_used_timestamp_seconds",
-                  f"0x{n + 1}", alias="other"),
+                  " ".join(["+Inf"] * (n + 1)), alias="other"),
           _series("conndiag_server_wait_timeout_seconds", f"{wait}x{n + 1}", alias="other")],
          n, []),
     ]
