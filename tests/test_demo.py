@@ -355,6 +355,47 @@ def test_async_view_under_uvicorn_has_no_false_alarm(tmp_path: Path) -> None:
     assert [e for e in events if str(e.get("event")).startswith("conndiag.query.")] == []
 
 
+@pytest.mark.slow
+@pytest.mark.mysql
+def test_pool_thread_gone_away_on_mysql_when_only_logged(tmp_path: Path) -> None:
+    """With the policy at "log", the pool's thread reuses its connection after it idled past
+    wait_timeout and fails with "gone away" (the original report); conndiag says why."""
+    from tests.conftest import mysql_unavailable_reason
+
+    reason = mysql_unavailable_reason()
+    if reason is not None:
+        pytest.skip(reason)
+    database_url = _mysql_url(f"conndiag_demo_gone{os.getpid()}")
+    demo = runner.Demo(
+        python=sys.executable,
+        database_url=database_url,
+        var_dir=tmp_path,
+        workers=1,
+        threads=2,
+        extra_env={"DEMO_DETACHED_POLICY": "log", "DEMO_MYSQL_WAIT_TIMEOUT": "1"},
+    )
+    try:
+        with demo:
+            demo.prepare()
+            demo.start(ready_timeout=30)
+            assert demo.get("/ops/trigger-job-in-pool", method="POST")[0] == 200
+            assert _wait_for(lambda: _named(demo.events(), "jobs.job.done", runner="pool"))
+            time.sleep(2.5)  # the pool thread's connection idles past wait_timeout (1 s)
+            assert demo.get("/ops/trigger-job-in-pool", method="POST")[0] == 200
+            assert _wait_for(lambda: _named(demo.events(), "jobs.job.failed", runner="pool"))
+            events = demo.events()
+    finally:
+        runner.drop_mysql_database(database_url)
+    failed = _named(events, "conndiag.query.failed", error_class="gone_away")
+    assert failed
+    assert failed[0]["thread_name"].startswith("jobs-pool")
+    assert "wait_timeout" in failed[0]["cause"]
+    stale = _named(events, "conndiag.connection.stale")
+    assert stale
+    assert stale[0]["connection_idle_s"] > stale[0]["wait_timeout_s"] == 1
+    assert _named(events, "conndiag.query.flagged", context="detached")
+
+
 def _demo_processes(port: int) -> list[int]:
     """Pids of live processes whose environment says they serve the demo on ``port``."""
     pids = []

@@ -37,6 +37,7 @@ from demo import dburl  # noqa: E402
 
 DEFAULT_MYSQL_URL = "mysql://root@127.0.0.1:3306/conndiag_demo"
 REFUSED = "conndiag.query.refused"
+FLAGGED = "conndiag.query.flagged"
 
 
 class DemoError(RuntimeError):
@@ -176,6 +177,9 @@ class Summary:
                 + (f" ({closed})" if closed else "")
             )
             lines.append(f"  detached queries caught:       {int(self.detached_raised)}")
+        flagged = self.events_by_name.get(FLAGGED, 0)
+        if flagged:
+            lines.append(f"  {FLAGGED} in the log: {flagged}")
         lines.append(
             f"  {REFUSED} in the log: {self.refused_events} "
             f"(jobs lost by the broken endpoints: {self.jobs_lost})"
