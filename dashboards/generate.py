@@ -108,7 +108,8 @@ def _loki_target(expr: str, legend: str, ref: str, *, logs: bool = False) -> dic
     return target
 
 
-def _field_config(unit: str, *, custom: dict[str, Any] | None = None, min_value: float | None = 0) -> dict[str, Any]:
+def _field_config(unit: str, *, custom: dict[str, Any] | None = None,
+                  min_value: float | None = 0) -> dict[str, Any]:
     defaults: dict[str, Any] = {
         "unit": unit,
         "color": {"mode": "palette-classic"},
@@ -193,7 +194,8 @@ def stat(title: str, description: str, unit: str, targets: list[dict[str, Any]],
 
 
 def table(title: str, description: str, unit: str, targets: list[dict[str, Any]], *,
-          transformations: list[dict[str, Any]], width: int = 24, height: int = 7) -> dict[str, Any]:
+          transformations: list[dict[str, Any]], width: int = 24,
+          height: int = 7) -> dict[str, Any]:
     return {
         "type": "table",
         "title": title,
@@ -414,7 +416,8 @@ def metrics_dashboard(config: dict[str, Any]) -> dict[str, Any]:
             timeseries(
                 "Connection age at query",
                 "Percentiles of the age of the connection each query ran on, with the "
-                "server's wait_timeout as a dashed threshold line where conndiag knows it (the highest wait_timeout among the selected aliases). Source: "
+                "server's wait_timeout as a dashed threshold line where conndiag knows it "
+                "(the highest wait_timeout among the selected aliases). Source: "
                 "conndiag_connection_age_seconds, conndiag_server_wait_timeout_seconds.",
                 "s",
                 [*_quantile_targets("conndiag_connection_age_seconds", q, "alias"),
@@ -489,16 +492,16 @@ def metrics_dashboard(config: dict[str, Any]) -> dict[str, Any]:
                     f"{{{V_ALIAS}}}[$__rate_interval]))", "{{context}} replaced={{replaced}}",
                     "A")],
                 bars=True),
-            stat(
+            timeseries(
                 "conndiag internal errors",
-                "Errors inside conndiag itself (it never breaks a query because of them; "
-                "each is logged once as conndiag.internal_error). Should be zero. Source: "
-                "conndiag_internal_errors_total.",
+                "Errors inside conndiag itself per interval, by component (it never breaks a "
+                "query because of them; each is logged once as conndiag.internal_error). "
+                "Should be zero. Source: conndiag_internal_errors_total.",
                 "short",
                 [_prom_target(
-                    "sum(increase(conndiag_internal_errors_total"
-                    f"{{{V_TARGET}}}[$__rate_interval]))", "internal errors", "A")],
-                width=24, height=4, calc="sum"),
+                    "sum by (component) (increase(conndiag_internal_errors_total"
+                    f"{{{V_TARGET}}}[$__rate_interval]))", "{{component}}", "A")],
+                width=24, height=6, bars=True),
         ]),
         ("Configuration", [
             table(
