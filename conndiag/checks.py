@@ -251,7 +251,7 @@ def database_report(alias: str) -> tuple[dict[str, Any] | None, list[CheckMessag
         return None, []
     try:
         facts = read_facts(db)
-    except Exception as exc:  # noqa: BLE001 - any failure to connect is the finding
+    except Exception as exc:
         diagnosis = diagnose(exc, None)
         return None, [
             Error(

@@ -44,7 +44,7 @@ def handle(db: BaseDatabaseWrapper, q: Query, rt: Runtime, cursor: Any) -> ConnS
         return state
     try:
         close_with_reason(db, "replaced_stale")
-    except Exception as exc:  # noqa: BLE001 - closing a dead socket may complain; go on
+    except Exception as exc:
         rt.internal_error("stale.replace", exc)
     if db.connection is not None:  # pragma: no cover - Django drops it even when close fails
         return state

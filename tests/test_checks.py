@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import socket
 from collections.abc import Iterator
-from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
 
@@ -19,20 +18,13 @@ from django.core.checks import Tags, run_checks
 from django.core.checks.registry import registry
 from django.db import connections
 
-from conndiag import checks, conf
-
-# Until conndiag.metrics lands, the metrics recorder cannot be built (remove then).
-NO_METRICS: dict[str, Any] = {} if find_spec("conndiag.metrics") else {"METRICS": False}
-if NO_METRICS:
-    django_settings.CONNDIAG = NO_METRICS
-    conf.clear_cache()
+from conndiag import checks
 
 MYSQL_DB = pytest.mark.django_db(databases=["default", "mysql"])
 
 
 @pytest.fixture(autouse=True)
-def _conndiag(settings: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    settings.CONNDIAG = {**NO_METRICS}
+def _clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in (*checks.MULTIPROC_ENV, "WEB_CONCURRENCY"):
         monkeypatch.delenv(name, raising=False)
 
@@ -87,7 +79,7 @@ def test_e001_invalid_setting(monkeypatch: pytest.MonkeyPatch) -> None:
     assert message.id == "conndiag.E001"
     assert "REPLACE_STALE" in message.msg
     assert message.hint
-    monkeypatch.setattr(django_settings, "CONNDIAG", {**NO_METRICS, "REPLACE_STALE": True})
+    monkeypatch.setattr(django_settings, "CONNDIAG", {"REPLACE_STALE": True})
     assert checks.check_settings() == []
 
 
@@ -130,9 +122,7 @@ def test_w003_quiet_with_health_checks_or_finite_age(databases: dict[str, Any]) 
 # --- W004 ---------------------------------------------------------------------------------
 
 
-def test_w004_persistent_connections_under_asgi(
-    databases: dict[str, Any], settings: Any
-) -> None:
+def test_w004_persistent_connections_under_asgi(databases: dict[str, Any], settings: Any) -> None:
     """conndiag.W004 fires for CONN_MAX_AGE > 0 (or None) when ASGI_APPLICATION is set."""
     settings.ASGI_APPLICATION = "project.asgi.application"
     databases["main"]["CONN_MAX_AGE"] = 60
@@ -249,7 +239,7 @@ def test_w005_quiet_below_wait_timeout_or_with_health_checks(mysql_db: dict[str,
 @MYSQL_DB
 def test_w006_max_connections_below_expected(mysql_db: dict[str, Any], settings: Any) -> None:
     """conndiag.W006 fires when EXPECTED_CONNECTIONS exceeds the server's max_connections."""
-    settings.CONNDIAG = {**NO_METRICS, "EXPECTED_CONNECTIONS": 100_000}
+    settings.CONNDIAG = {"EXPECTED_CONNECTIONS": 100_000}
     (message,) = checks.check_database(databases=["mysql"])
     assert message.id == "conndiag.W006"
     assert "CONNDIAG['EXPECTED_CONNECTIONS']" in message.msg
@@ -271,7 +261,7 @@ def test_w006_quiet_when_the_server_has_room_or_nothing_is_known(
 ) -> None:
     """conndiag.W006 stays quiet below max_connections and when no worker count is known."""
     assert checks.check_database(databases=["mysql"]) == []
-    settings.CONNDIAG = {**NO_METRICS, "EXPECTED_CONNECTIONS": 2}
+    settings.CONNDIAG = {"EXPECTED_CONNECTIONS": 2}
     assert checks.check_database(databases=["mysql"]) == []
 
 

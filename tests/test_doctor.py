@@ -7,24 +7,15 @@ import socket
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from importlib.util import find_spec
 from io import StringIO
 from typing import Any
 
 import pytest
-from django.conf import settings as django_settings
 from django.core.management import call_command
 from django.core.management.base import CommandError
 from django.db import connections
 
-from conndiag import conf
 from conndiag.management.commands.conndiag import live_picture
-
-# Until conndiag.metrics lands, the metrics recorder cannot be built (remove then).
-NO_METRICS: dict[str, Any] = {} if find_spec("conndiag.metrics") else {"METRICS": False}
-if NO_METRICS:
-    django_settings.CONNDIAG = NO_METRICS
-    conf.clear_cache()
 
 pytestmark = pytest.mark.django_db(databases=["default", "mysql"])
 
@@ -45,7 +36,9 @@ conndiag_oldest_connection_opened_timestamp_seconds{alias="mysql",vendor="mysql"
 # TYPE conndiag_queries_total counter
 conndiag_queries_total{action="observed",alias="mysql",context="request",vendor="mysql"} 40.0
 """
-SICK_METRICS = HEALTHY_METRICS + """\
+SICK_METRICS = (
+    HEALTHY_METRICS
+    + """\
 # TYPE conndiag_connection_errors_total counter
 conndiag_connection_errors_total{alias="mysql",code="2006",error_class="gone_away",vendor="mysql"} 2.0
 # TYPE conndiag_stale_connections_total counter
@@ -57,11 +50,11 @@ conndiag_connection_open_failures_total{alias="mysql",error_class="refused",vend
 # TYPE conndiag_internal_errors_total counter
 conndiag_internal_errors_total{component="events"} 1.0
 """
+)
 
 
 @pytest.fixture(autouse=True)
-def _conndiag(settings: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    settings.CONNDIAG = {**NO_METRICS}
+def _clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in ("PROMETHEUS_MULTIPROC_DIR", "prometheus_multiproc_dir", "WEB_CONCURRENCY"):
         monkeypatch.delenv(name, raising=False)
 
@@ -91,7 +84,7 @@ def metrics_server() -> Iterator[tuple[str, dict[str, Any]]]:
     state: dict[str, Any] = {"text": HEALTHY_METRICS, "auth": None}
 
     class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802
+        def do_GET(self) -> None:
             state["auth"] = self.headers.get("Authorization")
             body = state["text"].encode()
             self.send_response(200)
@@ -136,8 +129,13 @@ def test_human_output_names_every_section() -> None:
     """The default output is for people: settings, checks, each database, a summary."""
     status, out = doctor("--database", "mysql")
     assert status == 0
-    for text in ("conndiag settings", "Checks", "Database 'mysql' (mysql)", "wait_timeout_s=",
-                 "0 error(s), 0 warning(s)"):
+    for text in (
+        "conndiag settings",
+        "Checks",
+        "Database 'mysql' (mysql)",
+        "wait_timeout_s=",
+        "0 error(s), 0 warning(s)",
+    ):
         assert text in out
     assert "Database 'default'" not in out
 
@@ -184,7 +182,7 @@ def test_healthy_metrics_give_the_live_picture(
     """--metrics-url: the live picture per alias; healthy numbers keep exit 0; the configured
     METRICS_TOKEN is sent as a bearer token."""
     url, state = metrics_server
-    settings.CONNDIAG = {**NO_METRICS, "METRICS_TOKEN": "s3cret"}
+    settings.CONNDIAG = {"METRICS_TOKEN": "s3cret"}
     status, out = doctor("--json", "--database", "mysql", "--metrics-url", url)
     assert status == 0, out
     metrics = json.loads(out)["metrics"]
@@ -204,8 +202,13 @@ def test_sick_metrics_are_findings(metrics_server: tuple[str, dict[str, Any]]) -
     state["text"] = SICK_METRICS
     status, out = doctor("--database", "mysql", "--metrics-url", url, "--metrics-token", "t")
     assert status == 1
-    for text in ("2 connection errors (gone_away/2006: 2)", "2 queries ran on stale",
-                 "5 connections abandoned", "1 failed connects", "1 failures of conndiag's"):
+    for text in (
+        "2 connection errors (gone_away/2006: 2)",
+        "2 queries ran on stale",
+        "5 connections abandoned",
+        "1 failed connects",
+        "1 failures of conndiag's",
+    ):
         assert text in out
     assert state["auth"] == "Bearer t"
 
@@ -215,8 +218,15 @@ def test_unreadable_metrics_exit_two() -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    status, out = doctor("--json", "--database", "default", "--metrics-url",
-                         f"http://127.0.0.1:{port}/metrics", "--timeout", "1")
+    status, out = doctor(
+        "--json",
+        "--database",
+        "default",
+        "--metrics-url",
+        f"http://127.0.0.1:{port}/metrics",
+        "--timeout",
+        "1",
+    )
     assert status == 2
     assert "error" in json.loads(out)["metrics"]
 

@@ -4,29 +4,16 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from importlib.util import find_spec
 from typing import Any
 
 import pytest
-from django.conf import settings as django_settings
 from django.db import connections
 
-from conndiag import conf, install, serverfacts
+from conndiag import install, serverfacts
 from conndiag.state import state_of
 from tests.conftest import of
 
 pytestmark = pytest.mark.django_db(databases=["default", "mysql"], transaction=True)
-
-# Until conndiag.metrics lands, the metrics recorder cannot be built (remove then).
-NO_METRICS: dict[str, Any] = {} if find_spec("conndiag.metrics") else {"METRICS": False}
-if NO_METRICS:
-    django_settings.CONNDIAG = NO_METRICS
-    conf.clear_cache()
-
-
-@pytest.fixture(autouse=True)
-def _conndiag(settings: Any) -> None:
-    settings.CONNDIAG = {**NO_METRICS}
 
 
 @pytest.fixture
@@ -85,7 +72,7 @@ def test_cached_mode_probes_once_per_alias_and_refreshes(
     timeout_7: None, events: list[dict[str, Any]], settings: Any
 ) -> None:
     """SERVER_FACTS='cached': one probe per alias and process, reused until the TTL passes."""
-    settings.CONNDIAG = {**NO_METRICS, "SERVER_FACTS": "cached", "SERVER_FACTS_TTL": 1}
+    settings.CONNDIAG = {"SERVER_FACTS": "cached", "SERVER_FACTS_TTL": 1}
     assert _reconnect().wait_timeout == 7.0
     assert _reconnect().wait_timeout == 7.0
     assert len(of(events, "conndiag.server.facts")) == 1
@@ -97,9 +84,11 @@ def test_cached_mode_probes_once_per_alias_and_refreshes(
     assert len(of(events, "conndiag.server.facts")) == 2
 
 
-def test_off_mode_never_probes(timeout_7: None, events: list[dict[str, Any]], settings: Any) -> None:
+def test_off_mode_never_probes(
+    timeout_7: None, events: list[dict[str, Any]], settings: Any
+) -> None:
     """SERVER_FACTS='off': no probe, wait_timeout unknown."""
-    settings.CONNDIAG = {**NO_METRICS, "SERVER_FACTS": "off"}
+    settings.CONNDIAG = {"SERVER_FACTS": "off"}
     assert _reconnect().wait_timeout is None
     assert of(events, "conndiag.server.facts") == []
     assert serverfacts.cached_facts("mysql") is None
@@ -114,7 +103,9 @@ def test_sqlite_is_not_probed(events: list[dict[str, Any]]) -> None:
     assert of(events, "conndiag.server.facts") == []
 
 
-def test_read_facts_leaves_no_connection_open(timeout_7: None, events: list[dict[str, Any]]) -> None:
+def test_read_facts_leaves_no_connection_open(
+    timeout_7: None, events: list[dict[str, Any]]
+) -> None:
     """``read_facts`` (checks, doctor) uses a connection of its own, closed on return, and does
     not touch the thread's Django connection or report an application connection."""
     facts = serverfacts.read_facts(connections["mysql"])

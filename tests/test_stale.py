@@ -4,32 +4,19 @@ from __future__ import annotations
 
 import socket
 import time
-from importlib.util import find_spec
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from django.conf import settings as django_settings
 from django.db import OperationalError, connections, transaction
 
-from conndiag import conf, serverfacts
+from conndiag import serverfacts
 from conndiag.stale import can_replace
 from conndiag.state import state_of
-from tests.testapp.models import Item
 from tests.conftest import of
+from tests.testapp.models import Item
 
 pytestmark = pytest.mark.django_db(databases=["default", "mysql"], transaction=True)
-
-# Until conndiag.metrics lands, the metrics recorder cannot be built (remove then).
-NO_METRICS: dict[str, Any] = {} if find_spec("conndiag.metrics") else {"METRICS": False}
-if NO_METRICS:
-    django_settings.CONNDIAG = NO_METRICS
-    conf.clear_cache()
-
-
-@pytest.fixture(autouse=True)
-def _conndiag(settings: Any) -> None:
-    settings.CONNDIAG = {**NO_METRICS}
 
 
 @pytest.fixture
@@ -78,7 +65,7 @@ def test_replace_stale_turns_2006_into_a_logged_reconnect(
 ) -> None:
     """REPLACE_STALE: the stale connection is closed (reason replaced_stale), a new one is
     opened, and the query succeeds on it; nothing fails."""
-    settings.CONNDIAG = {**NO_METRICS, "REPLACE_STALE": True}
+    settings.CONNDIAG = {"REPLACE_STALE": True}
     _select_one()
     old = state_of(connections["mysql"])
     time.sleep(2.2)
@@ -102,7 +89,7 @@ def test_replace_stale_works_for_orm_queries(
     short_timeout: None, events: list[dict[str, Any]], settings: Any
 ) -> None:
     """The replacement also serves ORM queries (their cursor is re-pointed, not re-created)."""
-    settings.CONNDIAG = {**NO_METRICS, "REPLACE_STALE": True}
+    settings.CONNDIAG = {"REPLACE_STALE": True}
     Item.objects.using("mysql").create(name="before")
     time.sleep(2.2)
     assert list(Item.objects.using("mysql").values_list("name", flat=True)) == ["before"]
@@ -114,7 +101,7 @@ def test_stale_connection_is_never_replaced_inside_atomic(
 ) -> None:
     """Inside an atomic block the stale connection is reported, not replaced: replacing it
     would silently drop the transaction's earlier work."""
-    settings.CONNDIAG = {**NO_METRICS, "REPLACE_STALE": True}
+    settings.CONNDIAG = {"REPLACE_STALE": True}
     with pytest.raises(OperationalError), transaction.atomic(using="mysql"):
         _select_one()
         time.sleep(2.2)
@@ -129,7 +116,7 @@ def test_stale_margin_reports_before_the_timeout(
     short_timeout: None, events: list[dict[str, Any]], settings: Any
 ) -> None:
     """STALE_MARGIN reports (and may replace) a connection that is about to be dropped."""
-    settings.CONNDIAG = {**NO_METRICS, "REPLACE_STALE": True, "STALE_MARGIN": 0.9}
+    settings.CONNDIAG = {"REPLACE_STALE": True, "STALE_MARGIN": 0.9}
     _select_one()
     time.sleep(0.3)
     assert _select_one() == (1,)
@@ -150,7 +137,7 @@ def test_failed_reconnect_propagates(
 ) -> None:
     """If the replacement cannot connect, the application gets the connect error (reported as
     conndiag.connection.failed), not a confusing error from a closed cursor."""
-    settings.CONNDIAG = {**NO_METRICS, "REPLACE_STALE": True}
+    settings.CONNDIAG = {"REPLACE_STALE": True}
     _select_one()
     time.sleep(2.2)
     db = connections["mysql"]

@@ -147,8 +147,11 @@ def live_picture(text: str, now: float | None = None) -> dict[str, Any]:
         alias: {section: dict(values) for section, values in picture.items()}
         for alias, picture in sorted(aliases.items())
     }
-    return {"aliases": result, "internal_errors": internal_errors,
-            "findings": findings(result, internal_errors)}
+    return {
+        "aliases": result,
+        "internal_errors": internal_errors,
+        "findings": findings(result, internal_errors),
+    }
 
 
 def findings(aliases: dict[str, dict[str, Any]], internal_errors: float) -> list[str]:
@@ -177,9 +180,7 @@ def findings(aliases: dict[str, dict[str, Any]], internal_errors: float) -> list
         limit = p.get("server", {}).get("max_connections")
         open_now = p.get("open", {}).get("now", 0)
         if limit and open_now >= CONNECTIONS_WARN_RATIO * limit:
-            found.append(
-                f"{alias}: {open_now:g} connections open of max_connections={limit:g}"
-            )
+            found.append(f"{alias}: {open_now:g} connections open of max_connections={limit:g}")
     if internal_errors:
         found.append(f"{internal_errors:g} failures of conndiag's own code")
     return found
@@ -198,19 +199,26 @@ class Command(BaseCommand):
 
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument(
-            "--database", action="append", dest="databases", metavar="ALIAS",
+            "--database",
+            action="append",
+            dest="databases",
+            metavar="ALIAS",
             help="An alias to examine (repeat for several; default: every alias).",
         )
         parser.add_argument(
-            "--metrics-url", help="A running site's conndiag metrics URL, e.g. "
-            "http://127.0.0.1:8000/metrics",
+            "--metrics-url",
+            help="A running site's conndiag metrics URL, e.g. http://127.0.0.1:8000/metrics",
         )
         parser.add_argument(
             "--metrics-token",
             help="Bearer token for the metrics URL (default: CONNDIAG['METRICS_TOKEN']).",
         )
-        parser.add_argument("--timeout", type=float, default=5.0,
-                            help="Seconds to wait for the metrics URL (default 5).")
+        parser.add_argument(
+            "--timeout",
+            type=float,
+            default=5.0,
+            help="Seconds to wait for the metrics URL (default 5).",
+        )
         parser.add_argument("--json", action="store_true", help="Print one JSON document.")
 
     def handle(self, *args: Any, **options: Any) -> None:
@@ -272,9 +280,7 @@ class Command(BaseCommand):
         errors = sum(1 for m in everything if m.is_serious()) + int(metrics_failed)
         warnings = sum(1 for m in everything if not m.is_serious()) + len(metrics_findings)
         report["summary"] = {"errors": errors, "warnings": warnings}
-        report["exit_status"] = (
-            EXIT_ERRORS if errors else EXIT_WARNINGS if warnings else EXIT_OK
-        )
+        report["exit_status"] = EXIT_ERRORS if errors else EXIT_WARNINGS if warnings else EXIT_OK
         return report
 
     # -- printing ----------------------------------------------------------------------------
@@ -306,8 +312,10 @@ class Command(BaseCommand):
             w(style.MIGRATE_HEADING(f"Database {alias!r} ({s['vendor']})"))
             where = f"{s['host'] or 'local'}:{s['port'] or 'default'}/{s['name']}"
             w(f"  server: {where}")
-            w(f"  CONN_MAX_AGE: {s['conn_max_age']} ({s['conn_max_age_state']}), "
-              f"health checks: {'on' if s['health_checks'] else 'off'}")
+            w(
+                f"  CONN_MAX_AGE: {s['conn_max_age']} ({s['conn_max_age_state']}), "
+                f"health checks: {'on' if s['health_checks'] else 'off'}"
+            )
             if s["init_command"]:
                 w(f"  init_command: {s['init_command']}")
             facts = db["server"]
@@ -338,4 +346,3 @@ class Command(BaseCommand):
         w("")
         line = f"{summary['errors']} error(s), {summary['warnings']} warning(s)"
         w(style.SUCCESS(line) if report["exit_status"] == EXIT_OK else style.WARNING(line))
-
