@@ -33,15 +33,45 @@ GRAFANA_SUBSTITUTIONS = {
     "$alias": ".*",
 }
 
-PROMQL_KEYWORDS = frozenset({
-    "by", "without", "on", "ignoring", "group_left", "group_right", "and", "or", "unless",
-    "offset", "bool", "atan2", "inf", "nan",
-})
+PROMQL_KEYWORDS = frozenset(
+    {
+        "by",
+        "without",
+        "on",
+        "ignoring",
+        "group_left",
+        "group_right",
+        "and",
+        "or",
+        "unless",
+        "offset",
+        "bool",
+        "atan2",
+        "inf",
+        "nan",
+    }
+)
 #: PromQL functions and aggregations the generated expressions may use
-PROMQL_FUNCTIONS = frozenset({
-    "sum", "min", "max", "avg", "count", "rate", "irate", "increase", "histogram_quantile",
-    "time", "clamp_min", "topk", "bottomk", "absent", "vector", "label_values",
-})
+PROMQL_FUNCTIONS = frozenset(
+    {
+        "sum",
+        "min",
+        "max",
+        "avg",
+        "count",
+        "rate",
+        "irate",
+        "increase",
+        "histogram_quantile",
+        "time",
+        "clamp_min",
+        "topk",
+        "bottomk",
+        "absent",
+        "vector",
+        "label_values",
+    }
+)
 
 
 def substitute(expr: str) -> str:
@@ -110,15 +140,22 @@ def promtool() -> str | None:
 def promql_parse_errors(exprs: list[tuple[str, str]], promtool_path: str) -> list[str]:
     """Parse every expression with ``promtool check rules`` (one group per expression)."""
     groups = [
-        {"name": f"expr-{i}", "rules": [{"record": f"conndiag_check:expr_{i}",
-                                         "expr": substitute(expr)}]}
+        {
+            "name": f"expr-{i}",
+            "rules": [{"record": f"conndiag_check:expr_{i}", "expr": substitute(expr)}],
+        }
         for i, (_, expr) in enumerate(exprs)
     ]
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "exprs.yml"
         path.write_text(yaml.safe_dump({"groups": groups}))
-        result = subprocess.run([promtool_path, "check", "rules", str(path)],
-                                capture_output=True, text=True, timeout=60, check=False)
+        result = subprocess.run(
+            [promtool_path, "check", "rules", str(path)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
     if result.returncode == 0:
         return []
     output = result.stdout + result.stderr
@@ -147,8 +184,8 @@ def promql_metric_names(expr: str) -> set[str]:
     names = set()
     for match in _IDENT.finditer(text):
         word = match.group(0)
-        rest = text[match.end():].lstrip()
-        before = text[:match.start()]
+        rest = text[match.end() :].lstrip()
+        before = text[: match.start()]
         if rest.startswith("(") or word.lower() in PROMQL_KEYWORDS:
             continue
         if before and (before[-1].isdigit() or before[-1] == "."):
@@ -174,7 +211,7 @@ def promql_selectors(expr: str) -> list[tuple[str, str]]:
 def promql_grouping_labels(expr: str) -> set[str]:
     labels = set()
     for match in _GROUPING.finditer(_STRING.sub('""', expr)):
-        inner = match.group(0)[match.group(0).index("(") + 1:-1]
+        inner = match.group(0)[match.group(0).index("(") + 1 : -1]
         labels.update(label.strip() for label in inner.split(",") if label.strip())
     return labels
 
@@ -223,15 +260,26 @@ def ensure_logql_parser(npm: str | None = None) -> None:
     if npm is None:
         msg = "npm is needed to install @grafana/lezer-logql (dashboards/logql)"
         raise RuntimeError(msg)
-    subprocess.run([npm, "ci", "--no-audit", "--no-fund"], cwd=LOGQL_DIR, check=True,
-                   capture_output=True, timeout=300, env={**os.environ, "CI": "true"})
+    subprocess.run(
+        [npm, "ci", "--no-audit", "--no-fund"],
+        cwd=LOGQL_DIR,
+        check=True,
+        capture_output=True,
+        timeout=300,
+        env={**os.environ, "CI": "true"},
+    )
 
 
 def logql_check(exprs: list[str], node_path: str) -> list[dict[str, Any]]:
     """Parse each expression with @grafana/lezer-logql: errors and identifiers."""
-    result = subprocess.run([node_path, str(LOGQL_DIR / "check.cjs")],
-                            input=json.dumps([substitute(e) for e in exprs]),
-                            capture_output=True, text=True, timeout=60, check=True)
+    result = subprocess.run(
+        [node_path, str(LOGQL_DIR / "check.cjs")],
+        input=json.dumps([substitute(e) for e in exprs]),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
     parsed: list[dict[str, Any]] = json.loads(result.stdout)
     return parsed
 
@@ -265,12 +313,22 @@ def events_source_fields(path: Path) -> set[str]:
     functions = [n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)]
     for node_ in (n for f in functions for n in ast.walk(f)):
         if isinstance(node_, ast.Dict):
-            fields.update(k.value for k in node_.keys
-                          if isinstance(k, ast.Constant) and isinstance(k.value, str))
-        elif isinstance(node_, ast.Subscript) and isinstance(node_.value, ast.Name) \
-                and node_.value.id == "fields" and isinstance(node_.slice, ast.Constant):
+            fields.update(
+                k.value
+                for k in node_.keys
+                if isinstance(k, ast.Constant) and isinstance(k.value, str)
+            )
+        elif (
+            isinstance(node_, ast.Subscript)
+            and isinstance(node_.value, ast.Name)
+            and node_.value.id == "fields"
+            and isinstance(node_.slice, ast.Constant)
+        ):
             fields.add(node_.slice.value)
-        elif isinstance(node_, ast.Call) and isinstance(node_.func, ast.Attribute) \
-                and node_.func.attr == "_log":
+        elif (
+            isinstance(node_, ast.Call)
+            and isinstance(node_.func, ast.Attribute)
+            and node_.func.attr == "_log"
+        ):
             fields.update(kw.arg for kw in node_.keywords if kw.arg is not None)
     return fields

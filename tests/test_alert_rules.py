@@ -51,8 +51,13 @@ def _runbook_anchors() -> set[str]:
 
 def test_promtool_check_rules() -> None:
     """promtool accepts the Prometheus rule file (syntax, PromQL, templates)."""
-    result = subprocess.run([_promtool(), "check", "rules", str(PROM_DIR / "conndiag-rules.yml")],
-                            capture_output=True, text=True, timeout=60, check=False)
+    result = subprocess.run(
+        [_promtool(), "check", "rules", str(PROM_DIR / "conndiag-rules.yml")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "SUCCESS" in result.stdout
 
@@ -61,8 +66,14 @@ def test_promtool_test_rules() -> None:
     """Every promtool unit test passes: each alert fires on its firing input and stays
     quiet on its quiet input, with the expected labels and annotations."""
     files = sorted(PROM_DIR.glob("tests/*.yml"))
-    result = subprocess.run([_promtool(), "test", "rules", *map(str, files)], cwd=PROM_DIR,
-                            capture_output=True, text=True, timeout=120, check=False)
+    result = subprocess.run(
+        [_promtool(), "test", "rules", *map(str, files)],
+        cwd=PROM_DIR,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.count("SUCCESS") == len(files)
 
@@ -75,8 +86,13 @@ def test_promtool_test_rules_detects_a_wrong_expectation(tmp_path: Path) -> None
     source["tests"][0]["alert_rule_test"][0]["exp_alerts"] = []
     path = tmp_path / "wrong.yml"
     path.write_text(yaml.safe_dump(source))
-    result = subprocess.run([_promtool(), "test", "rules", str(path)], capture_output=True,
-                            text=True, timeout=60, check=False)
+    result = subprocess.run(
+        [_promtool(), "test", "rules", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert result.returncode != 0
 
 
@@ -122,14 +138,23 @@ def test_issue_failure_modes_are_covered() -> None:
     prom = {a["alert"] for a in _alerts(generate.PROM_RULES)}
     loki = {a["alert"] for a in _alerts(generate.LOKI_RULES)}
     assert {
-        "ConnDiagConnectionLost", "ConnDiagConnectFailures", "ConnDiagDetachedQueries",
-        "ConnDiagForkedConnection", "ConnDiagConnMaxAgeAboveWaitTimeout",
-        "ConnDiagIdleNearWaitTimeout", "ConnDiagConnectionChurn", "ConnDiagNearMaxConnections",
+        "ConnDiagConnectionLost",
+        "ConnDiagConnectFailures",
+        "ConnDiagDetachedQueries",
+        "ConnDiagForkedConnection",
+        "ConnDiagConnMaxAgeAboveWaitTimeout",
+        "ConnDiagIdleNearWaitTimeout",
+        "ConnDiagConnectionChurn",
+        "ConnDiagNearMaxConnections",
     } == prom
     assert {
-        "ConnDiagLogConnectionLost", "ConnDiagLogConnectFailures", "ConnDiagLogDetachedQueries",
-        "ConnDiagLogForkedConnection", "ConnDiagLogStaleConnections",
-        "ConnDiagLogPersistentConnections", "ConnDiagLogConnectionChurn",
+        "ConnDiagLogConnectionLost",
+        "ConnDiagLogConnectFailures",
+        "ConnDiagLogDetachedQueries",
+        "ConnDiagLogForkedConnection",
+        "ConnDiagLogStaleConnections",
+        "ConnDiagLogPersistentConnections",
+        "ConnDiagLogConnectionChurn",
         "ConnDiagLogTooManyConnections",
     } == loki
 

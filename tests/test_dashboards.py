@@ -27,11 +27,38 @@ IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 # Enumerated by grafana/dashboard-linter's panel-units-rule (from Grafana's unit categories);
 # the subset a connection dashboard can sensibly use.
-VALID_UNITS = frozenset({
-    "none", "string", "short", "percent", "percentunit", "ns", "µs", "ms", "s", "m", "h", "d",
-    "dtdurations", "dateTimeAsIso", "dateTimeFromNow", "cps", "ops", "reqps", "rps", "wps",
-    "iops", "cpm", "opm", "rpm", "wpm", "bool", "bool_yes_no", "bytes",
-})
+VALID_UNITS = frozenset(
+    {
+        "none",
+        "string",
+        "short",
+        "percent",
+        "percentunit",
+        "ns",
+        "µs",
+        "ms",
+        "s",
+        "m",
+        "h",
+        "d",
+        "dtdurations",
+        "dateTimeAsIso",
+        "dateTimeFromNow",
+        "cps",
+        "ops",
+        "reqps",
+        "rps",
+        "wps",
+        "iops",
+        "cpm",
+        "opm",
+        "rpm",
+        "wpm",
+        "bool",
+        "bool_yes_no",
+        "bytes",
+    }
+)
 RANGE_FUNCTIONS = ("rate", "irate", "increase")
 LOKI_BUILTIN_LABELS = frozenset({"__error__", "__error_details__", "__line__"})
 
@@ -78,17 +105,27 @@ def _all_logql() -> list[tuple[str, str]]:
 def test_generated_files_are_up_to_date(config: dict[str, Any]) -> None:
     """Regenerating from config.yaml reproduces every committed file byte for byte."""
     files = generate.build(config)
-    stale = [rel for rel, content in files.items()
-             if not (DASHBOARDS / rel).exists() or (DASHBOARDS / rel).read_text() != content]
+    stale = [
+        rel
+        for rel, content in files.items()
+        if not (DASHBOARDS / rel).exists() or (DASHBOARDS / rel).read_text() != content
+    ]
     assert stale == [], f"run `python dashboards/generate.py`; out of date: {stale}"
 
 
 def test_no_stray_generated_files(config: dict[str, Any]) -> None:
     """Every dashboard, rule and promtool test file on disk is one the generator writes."""
     files = set(generate.build(config))
-    on_disk = {str(p.relative_to(DASHBOARDS)) for pattern in
-               ("grafana/*.json", "prometheus/*.yml", "prometheus/tests/*.yml", "loki/*.yml")
-               for p in DASHBOARDS.glob(pattern)}
+    on_disk = {
+        str(p.relative_to(DASHBOARDS))
+        for pattern in (
+            "grafana/*.json",
+            "prometheus/*.yml",
+            "prometheus/tests/*.yml",
+            "loki/*.yml",
+        )
+        for p in DASHBOARDS.glob(pattern)
+    }
     assert on_disk - files == set()
 
 
@@ -101,26 +138,31 @@ def test_thresholds_and_severities_come_from_the_config(config: dict[str, Any]) 
     rules = {r["alert"]: r for r in generate.prometheus_rules(changed)["groups"][1]["rules"]}
     assert "> 42" in rules["ConnDiagConnectionChurn"]["expr"]
     assert rules["ConnDiagDetachedQueries"]["labels"]["severity"] == "critical"
-    assert 'conndiag_queries_total{job="django", context="detached"}' in (
-        rules["ConnDiagDetachedQueries"]["expr"])
+    assert (
+        'conndiag_queries_total{job="django", context="detached"}'
+        in (rules["ConnDiagDetachedQueries"]["expr"])
+    )
 
 
 # -- Grafana's JSON schema ------------------------------------------------------------------
 
 
-def test_dashboards_validate_against_grafana_schema(
-        dashboards: dict[str, dict[str, Any]]) -> None:
+def test_dashboards_validate_against_grafana_schema(dashboards: dict[str, dict[str, Any]]) -> None:
     """Every dashboard is valid against Grafana's published dashboard JSON schema."""
     schema = json.loads((SCHEMAS / "dashboard.jsonschema.json").read_text())
     validator = jsonschema.Draft7Validator(schema)
-    errors = [f"{name}: {list(e.absolute_path)}: {e.message[:200]}"
-              for name, dash in dashboards.items() for e in validator.iter_errors(dash)]
+    errors = [
+        f"{name}: {list(e.absolute_path)}: {e.message[:200]}"
+        for name, dash in dashboards.items()
+        for e in validator.iter_errors(dash)
+    ]
     assert errors == []
     assert len(dashboards) == 2
 
 
 def test_panel_options_validate_against_panel_schemas(
-        dashboards: dict[str, dict[str, Any]]) -> None:
+    dashboards: dict[str, dict[str, Any]],
+) -> None:
     """Each panel's options and custom field config are valid for its panel type's schema."""
     checked = 0
     errors = []
@@ -130,20 +172,25 @@ def test_panel_options_validate_against_panel_schemas(
             if not path.exists():
                 continue
             schema = json.loads(path.read_text())
-            for key, value in (("Options", panel["options"]),
-                               ("FieldConfig", panel["fieldConfig"]["defaults"].get("custom"))):
+            for key, value in (
+                ("Options", panel["options"]),
+                ("FieldConfig", panel["fieldConfig"]["defaults"].get("custom")),
+            ):
                 if key not in schema["definitions"] or value is None:
                     continue
                 sub = {**schema, "$ref": f"#/definitions/{key}"}
-                errors += [f"{name}: {panel['title']}: {key}: {e.message[:200]}"
-                           for e in jsonschema.Draft7Validator(sub).iter_errors(value)]
+                errors += [
+                    f"{name}: {panel['title']}: {key}: {e.message[:200]}"
+                    for e in jsonschema.Draft7Validator(sub).iter_errors(value)
+                ]
                 checked += 1
     assert errors == []
     assert checked > 20
 
 
 def test_schema_validation_rejects_a_broken_dashboard(
-        dashboards: dict[str, dict[str, Any]]) -> None:
+    dashboards: dict[str, dict[str, Any]],
+) -> None:
     """The schema check is not vacuous: a panel with a string gridPos fails it."""
     schema = json.loads((SCHEMAS / "dashboard.jsonschema.json").read_text())
     broken = json.loads(json.dumps(next(iter(dashboards.values()))))
@@ -165,8 +212,9 @@ def test_template_datasource_rule(dashboards: dict[str, dict[str, Any]]) -> None
 
 
 @pytest.mark.parametrize("name", ["job", "instance", "alias"])
-def test_template_job_instance_alias_rules(prom_dashboards: list[dict[str, Any]],
-                                           name: str) -> None:
+def test_template_job_instance_alias_rules(
+    prom_dashboards: list[dict[str, Any]], name: str
+) -> None:
     """job, instance and alias are multi-select query variables on $datasource, labelled by
     their name, with allValue .+ and a label_values(..., <name>) query."""
     assert prom_dashboards
@@ -224,8 +272,11 @@ def test_panel_ids_unique_and_grid_in_bounds(dashboards: dict[str, dict[str, Any
         for p in dash["panels"]:
             g = p["gridPos"]
             assert g["x"] + g["w"] <= 24
-            area = {(x, y) for x in range(g["x"], g["x"] + g["w"])
-                    for y in range(g["y"], g["y"] + g["h"])}
+            area = {
+                (x, y)
+                for x in range(g["x"], g["x"] + g["w"])
+                for y in range(g["y"], g["y"] + g["h"])
+            }
             assert not area & cells, p["title"]
             cells |= area
 
@@ -245,9 +296,12 @@ def test_target_counter_agg_rule(exported: dict[str, tuple[str, tuple[str, ...]]
     for where, expr in checks.dashboard_exprs("prometheus"):
         for name in checks.promql_metric_names(expr) & cumulative:
             uses = len(re.findall(rf"\b{name}\b", expr))
-            wrapped = len(re.findall(
-                rf"\b(?:{'|'.join(RANGE_FUNCTIONS)})\({name}\{{[^}}]*\}}\[\$__rate_interval\]\)",
-                expr))
+            wrapped = len(
+                re.findall(
+                    rf"\b(?:{'|'.join(RANGE_FUNCTIONS)})\({name}\{{[^}}]*\}}\[\$__rate_interval\]\)",
+                    expr,
+                )
+            )
             assert uses == wrapped, f"{where}: {name} not wrapped in rate/increase"
 
 
@@ -276,16 +330,21 @@ def test_key_panels_present(prom_dashboards: list[dict[str, Any]]) -> None:
     """The connections dashboard has the panels the issue asks for."""
     titles = {p["title"] for d in prom_dashboards for p in checks.panels(d)}
     assert {
-        "Queries by context", "Detached and forked queries caught", "Connections open",
-        "Connections opened by context", "Connections closed by reason",
-        "Connection age at query", "Connection idle time at query",
-        "Oldest and longest-idle connection", "Connection errors by class and code",
-        "Query duration percentiles", "CONN_MAX_AGE configuration per instance",
+        "Queries by context",
+        "Detached and forked queries caught",
+        "Connections open",
+        "Connections opened by context",
+        "Connections closed by reason",
+        "Connection age at query",
+        "Connection idle time at query",
+        "Oldest and longest-idle connection",
+        "Connection errors by class and code",
+        "Query duration percentiles",
+        "CONN_MAX_AGE configuration per instance",
     } <= titles
 
 
-def test_age_panels_draw_wait_timeout_as_threshold(
-        prom_dashboards: list[dict[str, Any]]) -> None:
+def test_age_panels_draw_wait_timeout_as_threshold(prom_dashboards: list[dict[str, Any]]) -> None:
     """Age and idle panels turn the wait_timeout query into a dashed threshold line."""
     for dash in prom_dashboards:
         for panel in checks.panels(dash):
@@ -294,7 +353,8 @@ def test_age_panels_draw_wait_timeout_as_threshold(
                 continue
             assert "conndiag_server_wait_timeout_seconds" in refs["W"]
             assert panel["fieldConfig"]["defaults"]["custom"]["thresholdsStyle"]["mode"] == (
-                "dashed")
+                "dashed"
+            )
             (transform,) = panel["transformations"]
             assert transform["id"] == "configFromData"
             assert transform["options"]["configRefId"] == "W"
@@ -321,7 +381,8 @@ def test_promql_parse_check_catches_errors() -> None:
 
 
 def test_every_metric_used_is_exported_by_conndiag(
-        exported: dict[str, tuple[str, tuple[str, ...]]]) -> None:
+    exported: dict[str, tuple[str, tuple[str, ...]]],
+) -> None:
     """Every metric name in a dashboard or rule is a series conndiag.metrics exports (or a
     recording rule defined in the rule file)."""
     recorded = {r["record"] for r in checks.rules(generate.PROM_RULES) if "record" in r}
@@ -337,8 +398,7 @@ def test_every_metric_used_is_exported_by_conndiag(
     assert all_families - families == set()
 
 
-def test_labels_used_exist_on_the_metrics(
-        exported: dict[str, tuple[str, tuple[str, ...]]]) -> None:
+def test_labels_used_exist_on_the_metrics(exported: dict[str, tuple[str, tuple[str, ...]]]) -> None:
     """Every label a selector matches on is one conndiag (or Prometheus: job, instance)
     puts on that metric."""
     for where, expr in _all_promql():
@@ -352,8 +412,10 @@ def test_labels_used_exist_on_the_metrics(
 
 def test_metric_extraction() -> None:
     """The metric-name lexer skips functions, keywords, labels, strings and durations."""
-    expr = ('histogram_quantile(0.95, sum by (le, alias) (rate(a_bucket{x=~"b|c"}[5m])))'
-            " > on (job) 0.8 * max by (job) (b_seconds offset 5m) or time() - c unless d")
+    expr = (
+        'histogram_quantile(0.95, sum by (le, alias) (rate(a_bucket{x=~"b|c"}[5m])))'
+        " > on (job) 0.8 * max by (job) (b_seconds offset 5m) or time() - c unless d"
+    )
     assert checks.promql_metric_names(expr) == {"a_bucket", "b_seconds", "c", "d"}
 
 
@@ -379,13 +441,14 @@ def test_logql_parse_check_catches_errors() -> None:
     node = _tool(checks.node(), "node")
     checks.ensure_logql_parser()
     results = checks.logql_check(
-        ['sum(count_over_time({job="x"}[5m])', '{job="x"} | json | a=b', '{job="x"} | json'],
-        node)
+        ['sum(count_over_time({job="x"}[5m])', '{job="x"} | json | a=b', '{job="x"} | json'], node
+    )
     assert [bool(r["errors"]) for r in results] == [True, True, False]
 
 
-def test_logql_fields_are_in_the_log_schema(logql_results: list[dict[str, Any]],
-                                            config: dict[str, Any]) -> None:
+def test_logql_fields_are_in_the_log_schema(
+    logql_results: list[dict[str, Any]], config: dict[str, Any]
+) -> None:
     """Every field a LogQL expression filters, groups or formats on is in the documented
     log schema, and every stream label is a configured stream label."""
     fields = {f for group in config["log_fields"].values() for f in group}
@@ -396,7 +459,8 @@ def test_logql_fields_are_in_the_log_schema(logql_results: list[dict[str, Any]],
                 assert ident["name"] in stream_labels, result["expr"]
             else:
                 assert ident["name"] in fields | stream_labels | LOKI_BUILTIN_LABELS, (
-                    f"{ident['name']!r} in {result['expr']}")
+                    f"{ident['name']!r} in {result['expr']}"
+                )
         assert checks.logql_template_fields(result["expr"]) <= fields, result["expr"]
     used = {i["name"] for r in logql_results for i in r["identifiers"]}
     assert {"event", "error_class", "context", "alias"} <= used
@@ -429,6 +493,7 @@ def test_log_schema_matches_events_source(config: dict[str, Any]) -> None:
 def test_docs_describe_every_panel(dashboards: dict[str, dict[str, Any]]) -> None:
     """docs/dashboards.md names every panel of every dashboard."""
     doc = (ROOT / "docs" / "dashboards.md").read_text()
-    missing = [p["title"] for d in dashboards.values() for p in checks.panels(d)
-               if p["title"] not in doc]
+    missing = [
+        p["title"] for d in dashboards.values() for p in checks.panels(d) if p["title"] not in doc
+    ]
     assert missing == []

@@ -39,7 +39,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.mysql]
 
 ROOT = Path(__file__).resolve().parents[1]
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
-E2E_DB = "conndiag_e2e"
+E2E_DB = "conndiag_e2e" + os.environ.get("CONNDIAG_TEST_DB_SUFFIX", "")
 
 #: panels that must return data after the load (title -> refIds that must)
 KEY_PANELS = {
@@ -71,8 +71,7 @@ def _get(url: str, timeout: float = 5.0) -> tuple[int, bytes]:
         return 0, b""
 
 
-def _wait_for(what: str, check: Callable[[], Any], timeout: float,
-              interval: float = 0.25) -> Any:
+def _wait_for(what: str, check: Callable[[], Any], timeout: float, interval: float = 0.25) -> Any:
     deadline = time.monotonic() + timeout
     while True:
         value = check()
@@ -86,8 +85,9 @@ def _wait_for(what: str, check: Callable[[], Any], timeout: float,
 @contextlib.contextmanager
 def _process(args: list[str], log: Path, **kwargs: Any) -> Iterator[subprocess.Popen[bytes]]:
     with log.open("wb") as out:
-        proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True, **kwargs)
+        proc = subprocess.Popen(
+            args, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, **kwargs
+        )
     try:
         yield proc
     finally:
@@ -112,8 +112,12 @@ def _create_database() -> None:
     import MySQLdb
 
     db = settings.DATABASES["mysql"]
-    conn = MySQLdb.connect(host=str(db["HOST"]), port=int(db["PORT"]), user=str(db["USER"]),
-                           password=str(db["PASSWORD"]))
+    conn = MySQLdb.connect(
+        host=str(db["HOST"]),
+        port=int(db["PORT"]),
+        user=str(db["USER"]),
+        password=str(db["PASSWORD"]),
+    )
     try:
         conn.cursor().execute(f"CREATE DATABASE IF NOT EXISTS {E2E_DB}")
     finally:
@@ -172,28 +176,62 @@ def test_dashboards_and_alerts_against_real_prometheus(tmp_path: Path) -> None:
     site_port, prom_port = _free_port(), _free_port()
     site = f"http://127.0.0.1:{site_port}"
     log_file = tmp_path / "conndiag.jsonl"
-    env = {**os.environ, "DJANGO_SETTINGS_MODULE": "tests.e2e_site.settings",
-           "CONNDIAG_TEST_MYSQL_URL": _mysql_url(), "CONNDIAG_E2E_DB": E2E_DB,
-           "CONNDIAG_E2E_LOG": str(log_file), "PYTHONPATH": str(ROOT)}
+    env = {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "tests.e2e_site.settings",
+        "CONNDIAG_TEST_MYSQL_URL": _mysql_url(),
+        "CONNDIAG_E2E_DB": E2E_DB,
+        "CONNDIAG_E2E_LOG": str(log_file),
+        "PYTHONPATH": str(ROOT),
+    }
     env.pop("PROMETHEUS_MULTIPROC_DIR", None)
-    gunicorn = [sys.executable, "-m", "gunicorn", "tests.e2e_site.wsgi:application",
-                "--bind", f"127.0.0.1:{site_port}", "--workers", "1",
-                "--worker-class", "sync", "--timeout", "30"]
+    gunicorn = [
+        sys.executable,
+        "-m",
+        "gunicorn",
+        "tests.e2e_site.wsgi:application",
+        "--bind",
+        f"127.0.0.1:{site_port}",
+        "--workers",
+        "1",
+        "--worker-class",
+        "sync",
+        "--timeout",
+        "30",
+    ]
     config = tmp_path / "prometheus.yml"
-    config.write_text(yaml.safe_dump({
-        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-        "rule_files": [str(_rule_file_for_test(tmp_path))],
-        "scrape_configs": [{"job_name": "django", "metrics_path": "/metrics",
-                            "static_configs": [{"targets": [f"127.0.0.1:{site_port}"]}]}],
-    }))
-    prometheus_cmd = [prometheus_bin, f"--config.file={config}",
-                      f"--storage.tsdb.path={tmp_path / 'data'}",
-                      f"--web.listen-address=127.0.0.1:{prom_port}", "--log.level=warn"]
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+                "rule_files": [str(_rule_file_for_test(tmp_path))],
+                "scrape_configs": [
+                    {
+                        "job_name": "django",
+                        "metrics_path": "/metrics",
+                        "static_configs": [{"targets": [f"127.0.0.1:{site_port}"]}],
+                    }
+                ],
+            }
+        )
+    )
+    prometheus_cmd = [
+        prometheus_bin,
+        f"--config.file={config}",
+        f"--storage.tsdb.path={tmp_path / 'data'}",
+        f"--web.listen-address=127.0.0.1:{prom_port}",
+        "--log.level=warn",
+    ]
 
-    with _process(gunicorn, tmp_path / "gunicorn.log", cwd=ROOT, env=env) as site_proc, \
-            _process(prometheus_cmd, tmp_path / "prometheus.log", cwd=tmp_path):
-        _wait_for("the site's /metrics",
-                  lambda: site_proc.poll() is None and _get(f"{site}/metrics")[0] == 200, 30)
+    with (
+        _process(gunicorn, tmp_path / "gunicorn.log", cwd=ROOT, env=env) as site_proc,
+        _process(prometheus_cmd, tmp_path / "prometheus.log", cwd=tmp_path),
+    ):
+        _wait_for(
+            "the site's /metrics",
+            lambda: site_proc.poll() is None and _get(f"{site}/metrics")[0] == 200,
+            30,
+        )
         prom = Prometheus(f"http://127.0.0.1:{prom_port}")
         _wait_for("Prometheus to be ready", lambda: _get(f"{prom.base}/-/ready")[0] == 200, 30)
 
@@ -212,16 +250,36 @@ def test_dashboards_and_alerts_against_real_prometheus(tmp_path: Path) -> None:
             error = json.loads(body)["error"]
             assert error is not None and ("2006" in error or "2013" in error), error
 
-            _wait_for("the gone-away error in Prometheus", lambda: prom.query(
-                'conndiag_connection_errors_total{error_class=~"gone_away|lost"}')
-                .get("data", {}).get("result"), 15)
-            _wait_for("rate data", lambda: prom.query(
-                "sum(rate(conndiag_queries_total[1m])) > 0").get("data", {}).get("result"), 15)
+            _wait_for(
+                "the gone-away error in Prometheus",
+                lambda: (
+                    prom.query('conndiag_connection_errors_total{error_class=~"gone_away|lost"}')
+                    .get("data", {})
+                    .get("result")
+                ),
+                15,
+            )
+            _wait_for(
+                "rate data",
+                lambda: (
+                    prom.query("sum(rate(conndiag_queries_total[1m])) > 0")
+                    .get("data", {})
+                    .get("result")
+                ),
+                15,
+            )
             alerts = _wait_for(
                 "ConnDiagDetachedQueries and ConnDiagConnectionLost to be pending or firing",
-                lambda: (lambda s: s if {"ConnDiagDetachedQueries", "ConnDiagConnectionLost"}
-                         <= {n for n, st in s.items() if st & {"pending", "firing"}}
-                         else None)(prom.alert_states()), 20)
+                lambda: (
+                    lambda s: (
+                        s
+                        if {"ConnDiagDetachedQueries", "ConnDiagConnectionLost"}
+                        <= {n for n, st in s.items() if st & {"pending", "firing"}}
+                        else None
+                    )
+                )(prom.alert_states()),
+                20,
+            )
         finally:
             stop.set()
             loader.join(10)
@@ -238,22 +296,28 @@ def test_dashboards_and_alerts_against_real_prometheus(tmp_path: Path) -> None:
                     if answer.get("status") != "success":
                         failures.append(f"{name}: {panel['title']}: {answer}")
                         continue
-                    results.setdefault(panel["title"], {})[target["refId"]] = (
-                        answer["data"]["result"])
+                    results.setdefault(panel["title"], {})[target["refId"]] = answer["data"][
+                        "result"
+                    ]
         for where, expr in checks.rule_exprs(generate.PROM_RULES):
             answer = prom.query(expr)
             if answer.get("status") != "success":
                 failures.append(f"rule {where}: {answer}")
         assert failures == []
 
-        empty = [f"{title} [{ref}]" for title, refs in KEY_PANELS.items() for ref in refs
-                 if not results[title][ref]]
+        empty = [
+            f"{title} [{ref}]"
+            for title, refs in KEY_PANELS.items()
+            for ref in refs
+            if not results[title][ref]
+        ]
         assert empty == []
         contexts = {r["metric"].get("context") for r in results["Queries by context"]["A"]}
         assert "detached" in contexts
         caught = results["Detached and forked queries caught"]["A"]
         assert {(r["metric"]["context"], r["metric"]["action"]) for r in caught} >= {
-            ("detached", "raised")}
+            ("detached", "raised")
+        }
         errors = results["Connection errors by class and code"]["A"]
         assert {r["metric"]["error_class"] for r in errors} & {"gone_away", "lost"}
         assert alerts["ConnDiagDetachedQueries"] & {"pending", "firing"}
@@ -263,8 +327,9 @@ def test_dashboards_and_alerts_against_real_prometheus(tmp_path: Path) -> None:
     keys_by_event: dict[str, set[str]] = {}
     for line in lines:
         keys_by_event.setdefault(line["event"], set()).update(line)
-    assert {"conndiag.query.refused", "conndiag.query.failed",
-            "conndiag.connection.opened"} <= set(keys_by_event)
+    assert {"conndiag.query.refused", "conndiag.query.failed", "conndiag.connection.opened"} <= set(
+        keys_by_event
+    )
     node = shutil.which("node")
     if node is None:
         if IN_CI:
@@ -275,8 +340,9 @@ def test_dashboards_and_alerts_against_real_prometheus(tmp_path: Path) -> None:
     stream_labels = set(generate.load_config()["loki"]["stream_labels"])
     checked = 0
     for parsed in checks.logql_check(loki_exprs, node):
-        emitted = [keys_by_event[e] for e in checks.logql_event_names(parsed["expr"])
-                   if e in keys_by_event]
+        emitted = [
+            keys_by_event[e] for e in checks.logql_event_names(parsed["expr"]) if e in keys_by_event
+        ]
         if not emitted:
             continue
         keys = set().union(*emitted)
