@@ -1417,10 +1417,12 @@ def loki_rules(config: dict[str, Any]) -> dict[str, Any]:
     window = config["loki"]["window"]
     la = config["loki_alerts"]
 
-    def count(by: str, events: Iterable[str], extra: str, threshold: float) -> str:
+    def count(
+        by: str, events: Iterable[str], extra: str, threshold: float, over: str = window
+    ) -> str:
         return (
             f"sum by ({by}) (count_over_time({loki_pipeline(sel, events, extra)} "
-            f"[{window}])) > {threshold:g}\n"
+            f"[{over}])) > {threshold:g}\n"
         )
 
     lost = la["ConnDiagLogConnectionLost"]
@@ -1507,6 +1509,7 @@ def loki_rules(config: dict[str, Any]) -> dict[str, Any]:
                 [EV_OPENED],
                 'vendor="mysql" and conn_max_age_state="persistent"',
                 la["ConnDiagLogPersistentConnections"]["threshold"],
+                la["ConnDiagLogPersistentConnections"].get("window", window),
             ),
             f"Persistent MySQL connections (CONN_MAX_AGE=None) on {where}",
             "Connections are opened with CONN_MAX_AGE=None, which is always at or above "
