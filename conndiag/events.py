@@ -118,11 +118,21 @@ def connection_fields(state: ConnState, now: float | None = None) -> dict[str, A
 class EventLog:
     """The structlog recorder."""
 
-    __slots__ = ("_enabled", "_enabled_until", "_level", "_level_no", "_logger_name", "config")
+    __slots__ = (
+        "_enabled",
+        "_enabled_until",
+        "_level",
+        "_level_no",
+        "_logger",
+        "_logger_name",
+        "config",
+    )
 
     def __init__(self, config: Config) -> None:
         self.config = config
         self._logger_name = config.logger_name
+        # One lazy proxy per runtime: with cache_logger_on_first_use it binds only once.
+        self._logger = structlog.get_logger(self._logger_name)
         self._level = config.query_log_level
         self._level_no = _LEVELS[self._level]
         self._enabled = False
@@ -131,7 +141,7 @@ class EventLog:
     # -- helpers ---------------------------------------------------------------------------
 
     def _log(self, level: str, event: str, **fields: Any) -> None:
-        getattr(structlog.get_logger(self._logger_name), level)(event, **fields)
+        getattr(self._logger, level)(event, **fields)
 
     def query_events_enabled(self) -> bool:
         """Whether a routine query event would be emitted at all (cached for a second)."""
@@ -144,23 +154,46 @@ class EventLog:
         return self._enabled
 
     def _query_fields(self, q: Query) -> dict[str, Any]:
-        fields = connection_fields(q.state)
-        fields.update(thread_fields(q.info))
-        fields.update(request_fields(q.scope))
-        fields["context"] = q.context
-        fields["action"] = ACTION_LABELS[q.action]
-        fields["allowed"] = q.allowed
-        fields["connection_idle_s"] = _r(q.idle)
-        fields["recycle_in_s"] = _r(q.state.recycle_in(q.db))
-        fields["duration_s"] = _r(q.duration)
+        # One dict literal: this runs for every logged query.
+        state, info, rs = q.state, q.info, q.scope
+        now = time.perf_counter()
         if q.action == "raise":
             outcome = "refused"
         elif q.error is not None:
             outcome = "error"
         else:
             outcome = "ok"
-        fields["outcome"] = outcome
-        fields["many"] = q.many
+        close_at = getattr(q.db, "close_at", None)
+        fields: dict[str, Any] = {
+            "alias": state.alias,
+            "vendor": state.vendor,
+            "context": q.context,
+            "action": ACTION_LABELS[q.action],
+            "allowed": q.allowed,
+            "outcome": outcome,
+            "duration_s": _r(q.duration),
+            "many": q.many,
+            "thread_name": info.thread.name,
+            "thread_ident": info.ident,
+            "thread_native_id": info.native_id,
+            "pid": threads._pid,
+            "request_id": None if rs is None else rs.request_id,
+            "request_method": None if rs is None else rs.method,
+            "request_path": None if rs is None else rs.path,
+            "view": None if rs is None else rs.view_name(),
+            "request_returned_s": None if rs is None else _r(rs.returned_ago()),
+            "connection_id": state.server_id,
+            "connection_age_s": _r(now - state.opened),
+            "connection_idle_s": _r(q.idle),
+            "connection_queries": state.queries,
+            "connection_pid": state.pid,
+            "connection_thread": state.opened_by.thread.name,
+            "conn_max_age_state": state.conn_max_age_state,
+            "conn_max_age_s": state.conn_max_age,
+            "recycle_in_s": None if close_at is None else _r(close_at - time.monotonic()),
+            "health_checks": state.health_checks,
+            "wait_timeout_s": state.wait_timeout,
+        }
         config = self.config
         if config.log_sql:
             sql = q.sql if isinstance(q.sql, str) else repr(q.sql)
