@@ -43,7 +43,8 @@ class ConnDiagMiddleware:
             info = threads.current()
             rs = info.scope or _scope.RequestScope(info)
         rs.attach(request, get_config().request_id_meta_key)
-        token = _scope.enter(rs)
+        # Under WSGI request_started already made it the context's scope (on this thread).
+        token = None if _scope.current_scope() is rs else _scope.enter(rs)
         log_tokens = bind_contextvars(request_id=rs.request_id)
         return token, log_tokens
 
@@ -51,7 +52,8 @@ class ConnDiagMiddleware:
     def _leave(tokens: tuple[Any, Any]) -> None:
         token, log_tokens = tokens
         reset_contextvars(**log_tokens)
-        _scope.leave(token)
+        if token is not None:
+            _scope.leave(token)
 
     def __call__(self, request: HttpRequest) -> Any:
         if self.async_mode:

@@ -1,4 +1,4 @@
-from django.urls import path
+from django.urls import include, path
 
 from tests.testapp import views
 
@@ -11,4 +11,5 @@ urlpatterns = [
     path("async-to-thread/", views.async_to_thread_view, name="async-to-thread"),
     path("nothing/", views.nothing_view, name="nothing"),
     path("bench/", views.bench_view, name="bench"),
+    path("", include("conndiag.urls")),
 ]
