@@ -171,7 +171,7 @@ def test_e002_multiprocess_dir_missing(monkeypatch: pytest.MonkeyPatch, tmp_path
 @pytest.mark.skipif(os.geteuid() == 0, reason="root can write anywhere")
 def test_e002_multiprocess_dir_not_writable(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
-) -> None:  # pragma: no cover - the suite usually runs as root in containers
+) -> None:
     """conndiag.E002 fires when the directory is not writable."""
     tmp_path.chmod(0o500)
     monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))

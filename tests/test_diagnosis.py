@@ -25,7 +25,6 @@ import pytest
 from django.db import OperationalError, connections
 from django.db.backends.mysql.base import DatabaseWrapper
 from django.http import HttpRequest, HttpResponse
-from django.test import override_settings
 from django.urls import path
 
 from conndiag import lifecycle, serverfacts, threads
@@ -304,13 +303,13 @@ urlpatterns = [
 ]
 
 
-@override_settings(ROOT_URLCONF=__name__)
 def test_persistent_request_connection_without_health_checks_is_diagnosed(
-    short_timeout: dict[str, Any], events: list[dict[str, Any]]
+    short_timeout: dict[str, Any], events: list[dict[str, Any]], settings: Any
 ) -> None:
     """CONN_MAX_AGE=None, no health checks: close_old_connections keeps the dropped connection,
     the next request fails with 2006, and the cause names the setting; Django then closes it
     as unusable."""
+    settings.ROOT_URLCONF = __name__
     short_timeout["CONN_MAX_AGE"] = None
     short_timeout["CONN_HEALTH_CHECKS"] = False
     status, body = wsgi_get("/diag/persistent/")
@@ -328,12 +327,12 @@ def test_persistent_request_connection_without_health_checks_is_diagnosed(
     assert [e["reason"] for e in of(events, "conndiag.connection.closed")] == ["unusable"]
 
 
-@override_settings(ROOT_URLCONF=__name__)
 def test_thread_started_by_a_request_is_diagnosed(
     short_timeout: dict[str, Any], events: list[dict[str, Any]], settings: Any
 ) -> None:
     """POLICY detached='log': a thread started by GET /ops/trigger-job/ outlives its response and
     reuses its connection after wait_timeout; the cause names the request and how long ago."""
+    settings.ROOT_URLCONF = __name__
     settings.CONNDIAG = {"POLICY": {"detached": "log"}}
     _detached_started.clear()
     _detached_go.clear()
