@@ -39,7 +39,10 @@ def mysql_settings(url: str) -> dict[str, object]:
         "PASSWORD": unquote(parts.password or ""),
         "NAME": parts.path.lstrip("/") or "test",
         "OPTIONS": {"charset": "utf8mb4"},
-        "TEST": {"NAME": "test_conndiag" + os.environ.get("CONNDIAG_TEST_DB_SUFFIX", "")},
+        "TEST": {
+            "NAME": "test_conndiag" + os.environ.get("CONNDIAG_TEST_DB_SUFFIX", ""),
+            "DEPENDENCIES": [],
+        },
     }
 
 
