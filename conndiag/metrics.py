@@ -48,11 +48,42 @@ if TYPE_CHECKING:
 INF = math.inf
 
 #: query durations: 100 µs (SQLite) to multi-second (MySQL)
-DURATION_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
-                    0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+DURATION_BUCKETS = (
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+)
 #: connection age and idle time: 10 ms to 8 hours (MySQL's default wait_timeout)
-AGE_BUCKETS = (0.01, 0.1, 1.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0,
-               7200.0, 28800.0)
+AGE_BUCKETS = (
+    0.01,
+    0.1,
+    1.0,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+    120.0,
+    300.0,
+    600.0,
+    1800.0,
+    3600.0,
+    7200.0,
+    28800.0,
+)
 #: connect durations
 OPEN_BUCKETS = DURATION_BUCKETS
 
@@ -62,13 +93,25 @@ FLUSH_INTERVAL = 1.0
 IDLE_RESOLUTION = 1.0
 
 #: the ``component`` label of ``conndiag_internal_errors_total`` (anything else: ``other``)
-COMPONENTS = ("wrapper", "lifecycle", "stale", "serverfacts", "classify", "scope", "threads",
-              "middleware", "background", "events", "metrics", "other")
+COMPONENTS = (
+    "wrapper",
+    "lifecycle",
+    "stale",
+    "serverfacts",
+    "classify",
+    "scope",
+    "threads",
+    "middleware",
+    "background",
+    "events",
+    "metrics",
+    "other",
+)
 _COMPONENT_ALIASES = {"EventLog": "events", "MetricsRecorder": "metrics"}
 
 # Layout of one accumulator (a flat list of floats, see _Acc).
-_DUR_B = tuple(float(b) for b in DURATION_BUCKETS) + (INF,)
-_AGE_B = tuple(float(b) for b in AGE_BUCKETS) + (INF,)
+_DUR_B = (*(float(b) for b in DURATION_BUCKETS), INF)
+_AGE_B = (*(float(b) for b in AGE_BUCKETS), INF)
 _N = 0  # queries (conndiag_queries_total)
 _DSUM = 1  # duration sum; duration buckets follow
 _DB = 2
@@ -89,15 +132,24 @@ def component_label(component: str) -> str:
 def multiprocess_dir() -> str | None:
     """prometheus_client's multi-process directory, if this process uses one."""
     return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or os.environ.get(
-        "prometheus_multiproc_dir"
+        "prometheus_multiproc_dir"  # noqa: SIM112 - the old name prometheus_client still reads
     )
 
 
 class _Series:
     """Per-process state of one (alias, vendor): its open connections and their gauges."""
 
-    __slots__ = ("config_labels", "idle_gauge", "idle_holder", "idle_published", "key",
-                 "oldest_gauge", "oldest_holder", "open", "open_gauge")
+    __slots__ = (
+        "config_labels",
+        "idle_gauge",
+        "idle_holder",
+        "idle_published",
+        "key",
+        "oldest_gauge",
+        "oldest_holder",
+        "open",
+        "open_gauge",
+    )
 
     def __init__(self, metrics: Metrics, alias: str, vendor: str) -> None:
         self.key = (alias, vendor)
@@ -201,70 +253,131 @@ class Metrics:
         av = ("alias", "vendor")
         r = registry
         self.queries = Counter(
-            "conndiag_queries_total", "Queries seen by conndiag, by context and action.",
-            (*av, "context", "action"), registry=r)
+            "conndiag_queries_total",
+            "Queries seen by conndiag, by context and action.",
+            (*av, "context", "action"),
+            registry=r,
+        )
         self.query_duration = Histogram(
-            "conndiag_query_duration_seconds", "Duration of queries that ran.",
-            (*av, "context"), buckets=DURATION_BUCKETS, registry=r)
+            "conndiag_query_duration_seconds",
+            "Duration of queries that ran.",
+            (*av, "context"),
+            buckets=DURATION_BUCKETS,
+            registry=r,
+        )
         self.connection_age = Histogram(
             "conndiag_connection_age_seconds",
-            "Age of the connection when a query ran on it.", av, buckets=AGE_BUCKETS,
-            registry=r)
+            "Age of the connection when a query ran on it.",
+            av,
+            buckets=AGE_BUCKETS,
+            registry=r,
+        )
         self.connection_idle = Histogram(
             "conndiag_connection_idle_seconds",
-            "Time the connection sat idle before a query ran on it.", av,
-            buckets=AGE_BUCKETS, registry=r)
+            "Time the connection sat idle before a query ran on it.",
+            av,
+            buckets=AGE_BUCKETS,
+            registry=r,
+        )
         self.opened = Counter(
             "conndiag_connections_opened_total",
             "Connections opened, by the context of the thread that opened them.",
-            (*av, "context"), registry=r)
+            (*av, "context"),
+            registry=r,
+        )
         self.open_duration = Histogram(
-            "conndiag_connection_open_duration_seconds", "Time taken to open a connection.",
-            av, buckets=OPEN_BUCKETS, registry=r)
+            "conndiag_connection_open_duration_seconds",
+            "Time taken to open a connection.",
+            av,
+            buckets=OPEN_BUCKETS,
+            registry=r,
+        )
         self.open_failures = Counter(
-            "conndiag_connection_open_failures_total", "Failed attempts to open a connection.",
-            (*av, "error_class"), registry=r)
+            "conndiag_connection_open_failures_total",
+            "Failed attempts to open a connection.",
+            (*av, "error_class"),
+            registry=r,
+        )
         self.closed = Counter(
-            "conndiag_connections_closed_total", "Connections closed, by reason.",
-            (*av, "reason"), registry=r)
+            "conndiag_connections_closed_total",
+            "Connections closed, by reason.",
+            (*av, "reason"),
+            registry=r,
+        )
         self.connections_open = Gauge(
-            "conndiag_connections_open", "Connections open now.", av,
-            multiprocess_mode="livesum", registry=r)
+            "conndiag_connections_open",
+            "Connections open now.",
+            av,
+            multiprocess_mode="livesum",
+            registry=r,
+        )
         self.oldest_opened = Gauge(
             "conndiag_oldest_connection_opened_timestamp_seconds",
-            "When the oldest open connection was opened (+Inf: none open).", av,
-            multiprocess_mode="livemin", registry=r)
+            "When the oldest open connection was opened (+Inf: none open).",
+            av,
+            multiprocess_mode="livemin",
+            registry=r,
+        )
         self.longest_idle = Gauge(
             "conndiag_longest_idle_connection_last_used_timestamp_seconds",
             "When the longest-idle open connection last finished a query (+Inf: none open).",
-            av, multiprocess_mode="livemin", registry=r)
+            av,
+            multiprocess_mode="livemin",
+            registry=r,
+        )
         self.errors = Counter(
             "conndiag_connection_errors_total",
             "Database errors of queries and connects, by class and driver code.",
-            (*av, "error_class", "code"), registry=r)
+            (*av, "error_class", "code"),
+            registry=r,
+        )
         self.stale = Counter(
             "conndiag_stale_connections_total",
             "Queries about to run on a connection idle past the server's wait_timeout.",
-            (*av, "context", "replaced"), registry=r)
+            (*av, "context", "replaced"),
+            registry=r,
+        )
         self.config_info = Gauge(
-            "conndiag_config_info", "Connection settings of each alias (value 1).",
-            (*av, "conn_max_age_state", "health_checks"), multiprocess_mode="livemax",
-            registry=r)
+            "conndiag_config_info",
+            "Connection settings of each alias (value 1).",
+            (*av, "conn_max_age_state", "health_checks"),
+            multiprocess_mode="livemax",
+            registry=r,
+        )
         self.policy_info = Gauge(
-            "conndiag_policy_info", "conndiag's policy: the action per context (value 1).",
-            ("context", "action"), multiprocess_mode="livemax", registry=r)
+            "conndiag_policy_info",
+            "conndiag's policy: the action per context (value 1).",
+            ("context", "action"),
+            multiprocess_mode="livemax",
+            registry=r,
+        )
         self.conn_max_age = Gauge(
-            "conndiag_conn_max_age_seconds", "CONN_MAX_AGE of each alias (+Inf: persistent).",
-            av, multiprocess_mode="livemax", registry=r)
+            "conndiag_conn_max_age_seconds",
+            "CONN_MAX_AGE of each alias (+Inf: persistent).",
+            av,
+            multiprocess_mode="livemax",
+            registry=r,
+        )
         self.server_wait_timeout = Gauge(
-            "conndiag_server_wait_timeout_seconds", "The server's session wait_timeout.",
-            av, multiprocess_mode="livemin", registry=r)
+            "conndiag_server_wait_timeout_seconds",
+            "The server's session wait_timeout.",
+            av,
+            multiprocess_mode="livemin",
+            registry=r,
+        )
         self.server_max_connections = Gauge(
-            "conndiag_server_max_connections", "The server's max_connections.", av,
-            multiprocess_mode="livemax", registry=r)
+            "conndiag_server_max_connections",
+            "The server's max_connections.",
+            av,
+            multiprocess_mode="livemax",
+            registry=r,
+        )
         self.internal_errors = Counter(
-            "conndiag_internal_errors_total", "Failures of conndiag's own code.",
-            ("component",), registry=r)
+            "conndiag_internal_errors_total",
+            "Failures of conndiag's own code.",
+            ("component",),
+            registry=r,
+        )
 
         self._lock = threading.RLock()
         self._flush_lock = threading.Lock()
@@ -294,16 +407,19 @@ class Metrics:
                     s = self._series[(alias, vendor)] = _Series(self, alias, vendor)
         return s
 
-    def _push_targets(self, alias: str, vendor: str, context: str, action: str
-                      ) -> list[Callable[[float], None]]:
+    def _push_targets(
+        self, alias: str, vendor: str, context: str, action: str
+    ) -> list[Callable[[float], None]]:
         counter = self.queries.labels(alias, vendor, context, ACTION_LABELS[action])
         key = (alias, vendor, context)
         hist = self._targets.get(key)
         if hist is None:
             hist = []
-            for child in (self.query_duration.labels(alias, vendor, context),
-                          self.connection_age.labels(alias, vendor),
-                          self.connection_idle.labels(alias, vendor)):
+            for child in (
+                self.query_duration.labels(alias, vendor, context),
+                self.connection_age.labels(alias, vendor),
+                self.connection_idle.labels(alias, vendor),
+            ):
                 sum_value = getattr(child, "_sum", None)
                 buckets = getattr(child, "_buckets", None)
                 if sum_value is None or buckets is None:
@@ -318,12 +434,14 @@ class Metrics:
             self._targets[key] = hist
         return [counter.inc, *hist]
 
-    def new_acc(self, accs: dict[tuple[str, str, str, str], _Acc],
-                key: tuple[str, str, str, str]) -> _Acc:
+    def new_acc(
+        self, accs: dict[tuple[str, str, str, str], _Acc], key: tuple[str, str, str, str]
+    ) -> _Acc:
         alias, vendor, context, action = key
         with self._lock:
-            acc = _Acc(self.series(alias, vendor),
-                       self._push_targets(alias, vendor, context, action))
+            acc = _Acc(
+                self.series(alias, vendor), self._push_targets(alias, vendor, context, action)
+            )
         accs[key] = acc
         return acc
 
@@ -414,7 +532,7 @@ def _flush_all_quietly() -> None:
     for metrics in list(_sets.values()):
         try:
             metrics.flush()
-        except Exception as exc:  # noqa: BLE001 - a background thread must not die
+        except Exception as exc:
             from . import runtime
 
             rt = runtime._runtime
@@ -438,8 +556,9 @@ def _ensure_flusher() -> None:
         if _flusher_pid == pid:
             return
         _flusher_pid = pid
-        threading.Thread(target=_flush_loop, args=(pid,), name="conndiag-metrics-flush",
-                         daemon=True).start()
+        threading.Thread(
+            target=_flush_loop, args=(pid,), name="conndiag-metrics-flush", daemon=True
+        ).start()
 
 
 def _after_fork_in_child() -> None:
@@ -499,7 +618,7 @@ class MetricsRecorder:
             return
         v[1] += duration  # _DSUM
         v[2 + bisect_left(_DUR_B, duration)] += 1  # _DB
-        last = state.last_used
+        last: float = state.last_used  # type: ignore[assignment] # set: the query ran
         age = last - state.opened
         v[_ASUM] += age
         v[_AB + bisect_left(_AGE_B, age)] += 1
@@ -509,9 +628,10 @@ class MetricsRecorder:
         if q.diagnosis is not None:
             self._error(state.alias, state.vendor, q.diagnosis)
         series = acc.series
-        if (state is series.idle_holder
-                and state.opened_wall + (last - state.opened) - series.idle_published
-                >= IDLE_RESOLUTION):
+        if (
+            state is series.idle_holder
+            and state.opened_wall + (last - state.opened) - series.idle_published >= IDLE_RESOLUTION
+        ):
             with self.metrics._lock:
                 series.recompute_idle()
 
@@ -561,7 +681,12 @@ class MetricsRecorder:
                 series.recompute()
 
     def connect_failed(
-        self, alias: str, vendor: str, info: ThreadInfo, context: str, duration: float,
+        self,
+        alias: str,
+        vendor: str,
+        info: ThreadInfo,
+        context: str,
+        duration: float,
         diagnosis: Diagnosis,
     ) -> None:
         m = self.metrics
@@ -571,8 +696,9 @@ class MetricsRecorder:
     def stale(self, q: Query, wait_timeout: float, replaced: bool) -> None:
         m = self.metrics
         state = q.state
-        m.child(m.stale, state.alias, state.vendor, q.context,
-                "true" if replaced else "false").inc()
+        m.child(
+            m.stale, state.alias, state.vendor, q.context, "true" if replaced else "false"
+        ).inc()
 
     def server_facts(self, state: ConnState, facts: dict[str, Any]) -> None:
         m = self.metrics
@@ -581,8 +707,7 @@ class MetricsRecorder:
             m.server_wait_timeout.labels(state.alias, state.vendor).set(float(wait_timeout))
         max_connections = facts.get("max_connections")
         if max_connections is not None:
-            m.server_max_connections.labels(state.alias, state.vendor).set(
-                float(max_connections))
+            m.server_max_connections.labels(state.alias, state.vendor).set(float(max_connections))
 
     def internal_error(self, component: str, error: BaseException, first: bool) -> None:
         m = self.metrics

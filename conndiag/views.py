@@ -71,8 +71,10 @@ def check_access(request: HttpRequest, config: Config) -> HttpResponse | None:
             return _denied(403, "Your address is not in CONNDIAG['METRICS_ALLOWED_IPS'].")
     elif config.metrics_token is None and (address is None or not address.is_loopback):
         return _denied(
-            403, "conndiag serves /metrics to loopback clients only unless "
-            "CONNDIAG['METRICS_TOKEN'] or CONNDIAG['METRICS_ALLOWED_IPS'] is set.")
+            403,
+            "conndiag serves /metrics to loopback clients only unless "
+            "CONNDIAG['METRICS_TOKEN'] or CONNDIAG['METRICS_ALLOWED_IPS'] is set.",
+        )
     if config.metrics_token is not None:
         given = _bearer_token(request)
         if given is None or not hmac.compare_digest(
@@ -100,7 +102,7 @@ def metrics(request: HttpRequest) -> HttpResponse:
         from prometheus_client.multiprocess import MultiProcessCollector
 
         registry = CollectorRegistry()
-        MultiProcessCollector(registry)
+        MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
     else:
         registry = REGISTRY
     encoder, content_type = choose_encoder(request.META.get("HTTP_ACCEPT", ""))

@@ -35,7 +35,7 @@ from conndiag.metrics import (
 )
 from conndiag.records import Diagnosis
 from conndiag.state import state_of
-from tests.handlers import wsgi_get, wsgi_json
+from tests.handlers import wsgi_json
 from tests.testapp.models import Item
 
 pytestmark = pytest.mark.django_db(transaction=True, databases=["default", "mysql"])
@@ -118,8 +118,12 @@ def test_default_registry_is_used_without_one(settings: Any) -> None:
     from prometheus_client import REGISTRY
 
     assert MetricsRecorder(conf.get_config()).metrics is build_metrics(REGISTRY)
-    assert REGISTRY.get_sample_value(
-        "conndiag_policy_info", {"context": "detached", "action": "raise"}) == 1
+    assert (
+        REGISTRY.get_sample_value(
+            "conndiag_policy_info", {"context": "detached", "action": "raise"}
+        )
+        == 1
+    )
 
 
 def test_every_gauge_states_its_multiprocess_mode() -> None:
@@ -149,7 +153,8 @@ def test_policy_info_follows_the_policy(settings: Any) -> None:
 
     def info(context: str, action: str) -> float | None:
         return registry.get_sample_value(
-            "conndiag_policy_info", {"context": context, "action": action})
+            "conndiag_policy_info", {"context": context, "action": action}
+        )
 
     assert info("cross_thread", "raise") == 1
     assert info("cross_thread", "log") == 0
@@ -179,8 +184,16 @@ def test_request_queries_by_context_and_action(m: Scrape) -> None:
 def test_background_thread_queries(m: Scrape) -> None:
     """Queries in a thread started outside any request count as background."""
     _in_thread(lambda: (Item.objects.using("mysql").count(), connections["mysql"].close()))
-    assert m("conndiag_queries_total", alias="mysql", vendor="mysql", context="background",
-             action="observed") == 1
+    assert (
+        m(
+            "conndiag_queries_total",
+            alias="mysql",
+            vendor="mysql",
+            context="background",
+            action="observed",
+        )
+        == 1
+    )
 
 
 def test_detached_thread_started_by_a_live_request_is_refused(m: Scrape) -> None:
@@ -201,8 +214,16 @@ def test_cross_thread_query_is_logged(m: Scrape) -> None:
 
     status, _ = asyncio.run(asgi_get("/async-to-thread/"))
     assert status == 200
-    assert m("conndiag_queries_total", alias="default", vendor="sqlite",
-             context="cross_thread", action="logged") == 1
+    assert (
+        m(
+            "conndiag_queries_total",
+            alias="default",
+            vendor="sqlite",
+            context="cross_thread",
+            action="logged",
+        )
+        == 1
+    )
 
 
 def test_histogram_buckets_are_the_contract(m: Scrape) -> None:
@@ -210,11 +231,15 @@ def test_histogram_buckets_are_the_contract(m: Scrape) -> None:
     wsgi_json("/sync/")
     text = m.text().decode()
     for bound in DURATION_BUCKETS:
-        assert f'conndiag_query_duration_seconds_bucket{{alias="default",context="request",' \
-               f'le="{float(bound)}",vendor="sqlite"}}' in text
+        assert (
+            f'conndiag_query_duration_seconds_bucket{{alias="default",context="request",'
+            f'le="{float(bound)}",vendor="sqlite"}}' in text
+        )
     for bound in AGE_BUCKETS:
-        assert f'conndiag_connection_age_seconds_bucket{{alias="default",le="{float(bound)}",' \
-               f'vendor="sqlite"}}' in text
+        assert (
+            f'conndiag_connection_age_seconds_bucket{{alias="default",le="{float(bound)}",'
+            f'vendor="sqlite"}}' in text
+        )
 
 
 def test_age_and_idle_land_in_the_right_buckets(m: Scrape) -> None:
@@ -243,16 +268,23 @@ def test_queries_from_many_threads_are_all_counted(m: Scrape) -> None:
         t.start()
     for t in workers:
         t.join(60)
-    assert m("conndiag_queries_total", alias="mysql", vendor="mysql", context="background",
-             action="observed") == 200
+    assert (
+        m(
+            "conndiag_queries_total",
+            alias="mysql",
+            vendor="mysql",
+            context="background",
+            action="observed",
+        )
+        == 200
+    )
     assert m("conndiag_connection_idle_seconds_count", alias="mysql", vendor="mysql") == 200
 
 
 def test_pending_numbers_reach_the_metrics_without_an_explicit_flush(m: Scrape) -> None:
     """The flusher thread pushes query numbers on its own within a couple of seconds."""
     Item.objects.using("mysql").count()
-    labels = {"alias": "mysql", "vendor": "mysql", "context": "background",
-              "action": "observed"}
+    labels = {"alias": "mysql", "vendor": "mysql", "context": "background", "action": "observed"}
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline:
         if m.registry.get_sample_value("conndiag_queries_total", labels) == 1:
@@ -279,8 +311,9 @@ def test_explicit_close(m: Scrape) -> None:
 def test_request_end_close_with_conn_max_age_zero(m: Scrape) -> None:
     """CONN_MAX_AGE=0 through the real WSGI handler: opened in request, closed request_end."""
     connections["mysql"].close()
-    before = m("conndiag_connections_closed_total", alias="mysql", vendor="mysql",
-               reason="explicit")
+    before = m(
+        "conndiag_connections_closed_total", alias="mysql", vendor="mysql", reason="explicit"
+    )
     wsgi_json("/sync/", "db=mysql")
     labels = {"alias": "mysql", "vendor": "mysql"}
     assert m("conndiag_connections_opened_total", **labels, context="request") == 1
@@ -350,8 +383,7 @@ def test_oldest_and_longest_idle_timestamps(m: Scrape) -> None:
     connections["mysql"].close()
     assert m("conndiag_connections_open", **labels) == 0
     assert m("conndiag_oldest_connection_opened_timestamp_seconds", **labels) == math.inf
-    assert m("conndiag_longest_idle_connection_last_used_timestamp_seconds",
-             **labels) == math.inf
+    assert m("conndiag_longest_idle_connection_last_used_timestamp_seconds", **labels) == math.inf
 
 
 def test_config_gauges_are_set_on_first_connection(m: Scrape, settings: Any) -> None:
@@ -364,17 +396,33 @@ def test_config_gauges_are_set_on_first_connection(m: Scrape, settings: Any) -> 
     try:
         Item.objects.using("mysql").count()
         labels = {"alias": "mysql", "vendor": "mysql"}
-        assert m("conndiag_config_info", **labels, conn_max_age_state="persistent",
-                 health_checks="true") == 1
+        assert (
+            m(
+                "conndiag_config_info",
+                **labels,
+                conn_max_age_state="persistent",
+                health_checks="true",
+            )
+            == 1
+        )
         assert m("conndiag_conn_max_age_seconds", **labels) == math.inf
         db.close()
         db.settings_dict["CONN_MAX_AGE"] = 60
         db.settings_dict["CONN_HEALTH_CHECKS"] = False
         Item.objects.using("mysql").count()
-        assert m("conndiag_config_info", **labels, conn_max_age_state="persistent",
-                 health_checks="true") == 0
-        assert m("conndiag_config_info", **labels, conn_max_age_state="timed",
-                 health_checks="false") == 1
+        assert (
+            m(
+                "conndiag_config_info",
+                **labels,
+                conn_max_age_state="persistent",
+                health_checks="true",
+            )
+            == 0
+        )
+        assert (
+            m("conndiag_config_info", **labels, conn_max_age_state="timed", health_checks="false")
+            == 1
+        )
         assert m("conndiag_conn_max_age_seconds", **labels) == 60
     finally:
         db.close()
@@ -404,12 +452,13 @@ def test_real_2006_is_counted_by_class_and_code(m: Scrape, short_timeout: None) 
     with pytest.raises(OperationalError):
         Item.objects.using("mysql").count()
     labels = {"alias": "mysql", "vendor": "mysql"}
-    assert m("conndiag_connection_errors_total", **labels, error_class="gone_away",
-             code="2006") == 1
-    assert m("conndiag_stale_connections_total", **labels, context="background",
-             replaced="false") == 1
-    assert m("conndiag_queries_total", **labels, context="background",
-             action="observed") == 2
+    assert (
+        m("conndiag_connection_errors_total", **labels, error_class="gone_away", code="2006") == 1
+    )
+    assert (
+        m("conndiag_stale_connections_total", **labels, context="background", replaced="false") == 1
+    )
+    assert m("conndiag_queries_total", **labels, context="background", action="observed") == 2
     assert m("conndiag_server_wait_timeout_seconds", **labels) == 1
 
 
@@ -421,13 +470,16 @@ def test_replaced_stale_connection(m: Scrape, short_timeout: None, settings: Any
     time.sleep(2.2)
     Item.objects.using("mysql").count()
     labels = {"alias": "mysql", "vendor": "mysql"}
-    assert m2("conndiag_stale_connections_total", **labels, context="background",
-              replaced="true") == 1
+    assert (
+        m2("conndiag_stale_connections_total", **labels, context="background", replaced="true") == 1
+    )
     assert m2("conndiag_connections_closed_total", **labels, reason="replaced_stale") == 1
     assert m2("conndiag_connections_opened_total", **labels, context="background") == 2
     assert m2("conndiag_connections_open", **labels) == 1
-    assert m2("conndiag_connection_errors_total", **labels, error_class="gone_away",
-              code="2006") is None
+    assert (
+        m2("conndiag_connection_errors_total", **labels, error_class="gone_away", code="2006")
+        is None
+    )
 
 
 def test_failed_connect(m: Scrape) -> None:
@@ -441,8 +493,11 @@ def test_failed_connect(m: Scrape) -> None:
         db.ensure_connection()
     labels = {"alias": "mysql", "vendor": "mysql"}
     assert m("conndiag_connection_open_failures_total", **labels, error_class="refused") == 1
-    codes = [s for s in m.text().decode().splitlines()
-             if s.startswith("conndiag_connection_errors_total{")]
+    codes = [
+        s
+        for s in m.text().decode().splitlines()
+        if s.startswith("conndiag_connection_errors_total{")
+    ]
     assert len(codes) == 1
     assert 'code="2002"' in codes[0] or 'code="2003"' in codes[0]
     assert m("conndiag_connections_open", **labels) is None
@@ -466,8 +521,20 @@ def test_no_unbounded_labels(m: Scrape) -> None:
     wsgi_json("/sync/", "db=mysql")
     wsgi_json("/thread/", "db=mysql")
     _in_thread(lambda: (Item.objects.using("mysql").count(), connections["mysql"].close()))
-    allowed = {"alias", "vendor", "context", "action", "reason", "error_class", "code",
-               "replaced", "conn_max_age_state", "health_checks", "component", "le"}
+    allowed = {
+        "alias",
+        "vendor",
+        "context",
+        "action",
+        "reason",
+        "error_class",
+        "code",
+        "replaced",
+        "conn_max_age_state",
+        "health_checks",
+        "component",
+        "le",
+    }
     for family in m.registry.collect():
         for sample in family.samples:
             assert set(sample.labels) <= allowed, sample
@@ -487,12 +554,14 @@ def test_metrics_off_means_no_recorder(settings: Any) -> None:
 
 
 def _promtool(text: bytes) -> subprocess.CompletedProcess[bytes]:
-    return subprocess.run(["promtool", "check", "metrics"], input=text,
-                          capture_output=True, timeout=60)
+    return subprocess.run(
+        ["promtool", "check", "metrics"], input=text, capture_output=True, timeout=60
+    )
 
 
-needs_promtool = pytest.mark.skipif(shutil.which("promtool") is None,
-                                    reason="promtool is not installed")
+needs_promtool = pytest.mark.skipif(
+    shutil.which("promtool") is None, reason="promtool is not installed"
+)
 
 
 @needs_promtool
@@ -555,11 +624,19 @@ def test_promtool_is_clean_multiprocess(tmp_path: Path) -> None:
     gauge is summed without a pid label."""
     mp_dir = tmp_path / "prom"
     mp_dir.mkdir()
-    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(mp_dir),
-           "DJANGO_SETTINGS_MODULE": "tests.settings"}
+    env = {
+        **os.environ,
+        "PROMETHEUS_MULTIPROC_DIR": str(mp_dir),
+        "DJANGO_SETTINGS_MODULE": "tests.settings",
+    }
     db_name = connections["mysql"].settings_dict["NAME"]
-    result = subprocess.run([sys.executable, "-c", MULTIPROCESS_SCRIPT, db_name], env=env,
-                            cwd=ROOT, capture_output=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-c", MULTIPROCESS_SCRIPT, db_name],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr.decode()[-3000:]
     text = result.stdout
     assert b'conndiag_connections_open{alias="mysql",vendor="mysql"} 1.0' in text
@@ -580,12 +657,19 @@ def test_query_recording_is_cheap(m: Scrape) -> None:
     from conndiag import threads
     from conndiag.records import Query
 
-    q = Query(db, state, threads.current(), "request", None, "ignore", "SELECT 1", None,
-              False, 0.5)
+    q = Query(db, state, threads.current(), "request", None, "ignore", "SELECT 1", None, False, 0.5)
     q.duration = 0.0003
     m.recorder.query(q)
     per_call = min(timeit.repeat(lambda: m.recorder.query(q), number=20000, repeat=5)) / 20000
     assert per_call < 2e-6, per_call
-    assert m("conndiag_queries_total", alias="mysql", vendor="mysql", context="request",
-             action="observed") == 1 + 5 * 20000
+    assert (
+        m(
+            "conndiag_queries_total",
+            alias="mysql",
+            vendor="mysql",
+            context="request",
+            action="observed",
+        )
+        == 1 + 5 * 20000
+    )
     assert isinstance(Diagnosis, type)

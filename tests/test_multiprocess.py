@@ -37,8 +37,13 @@ def _server() -> Any:
     import MySQLdb
 
     db = settings.DATABASES["mysql"]
-    return MySQLdb.connect(host=db["HOST"], port=int(db["PORT"]), user=db["USER"],
-                           password=db["PASSWORD"], autocommit=True)
+    return MySQLdb.connect(
+        host=db["HOST"],
+        port=int(db["PORT"]),
+        user=db["USER"],
+        password=db["PASSWORD"],
+        autocommit=True,
+    )
 
 
 def _processlist_count(admin: Any) -> int:
@@ -55,7 +60,7 @@ def _free_port() -> int:
 
 
 def _get(url: str) -> bytes:
-    with urllib.request.urlopen(url, timeout=10) as response:  # noqa: S310 - loopback
+    with urllib.request.urlopen(url, timeout=10) as response:
         return bytes(response.read())
 
 
@@ -65,12 +70,13 @@ def _sample(text: str, name: str, **labels: str) -> float | None:
     prefix = f"{name}{{{wanted}}} " if labels else f"{name} "
     for line in text.splitlines():
         if line.startswith(prefix):
-            return float(line[len(prefix):])
+            return float(line[len(prefix) :])
     return None
 
 
-def _wait_for(what: str, probe: Callable[[], T], ok: Callable[[T], bool],
-              timeout: float = 20.0) -> T:
+def _wait_for(
+    what: str, probe: Callable[[], T], ok: Callable[[T], bool], timeout: float = 20.0
+) -> T:
     deadline = time.monotonic() + timeout
     while True:
         value = probe()
@@ -92,8 +98,10 @@ def database() -> Iterator[Any]:
     with admin.cursor() as cursor:
         cursor.execute(f"DROP DATABASE IF EXISTS `{DB_NAME}`")
         cursor.execute(f"CREATE DATABASE `{DB_NAME}`")
-        cursor.execute(f"CREATE TABLE `{DB_NAME}`.testapp_item "
-                       "(id INT AUTO_INCREMENT PRIMARY KEY, name VARCHAR(100) NOT NULL)")
+        cursor.execute(
+            f"CREATE TABLE `{DB_NAME}`.testapp_item "
+            "(id INT AUTO_INCREMENT PRIMARY KEY, name VARCHAR(100) NOT NULL)"
+        )
     try:
         yield admin
     finally:
@@ -114,19 +122,37 @@ def gunicorn(tmp_path: Path, database: Any) -> Iterator[tuple[str, subprocess.Po
         "PROMETHEUS_MULTIPROC_DIR": str(mp_dir),
         "CONNDIAG_MP_DB": DB_NAME,
         "CONNDIAG_TEST_MYSQL_URL": f"mysql://{db['USER']}:{db['PASSWORD']}@{db['HOST']}:"
-                                   f"{db['PORT']}/{DB_NAME}",
+        f"{db['PORT']}/{DB_NAME}",
         "PYTHONPATH": str(ROOT),
     }
     log = (tmp_path / "gunicorn.log").open("wb")
-    proc = subprocess.Popen(  # noqa: S603
-        [sys.executable, "-m", "gunicorn", "tests.multiproc.wsgi:application",
-         "--config", str(ROOT / "tests/multiproc/gunicorn_conf.py"),
-         "--workers", "3", "--worker-class", "gthread", "--threads", "2",
-         "--bind", f"127.0.0.1:{port}", "--graceful-timeout", "5"],
-        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "gunicorn",
+            "tests.multiproc.wsgi:application",
+            "--config",
+            str(ROOT / "tests/multiproc/gunicorn_conf.py"),
+            "--workers",
+            "3",
+            "--worker-class",
+            "gthread",
+            "--threads",
+            "2",
+            "--bind",
+            f"127.0.0.1:{port}",
+            "--graceful-timeout",
+            "5",
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
     )
     base = f"http://127.0.0.1:{port}"
     try:
+
         def ready() -> bool:
             if proc.poll() is not None:
                 pytest.fail("gunicorn exited: " + (tmp_path / "gunicorn.log").read_text())
@@ -168,13 +194,18 @@ def test_counters_and_open_gauge_across_gunicorn_workers(
 
     labels = {"alias": "default", "vendor": "mysql"}
     queries = {**labels, "context": "request", "action": "observed"}
-    text = _wait_for(f"conndiag_queries_total == {REQUESTS}", scrape,
-                     lambda t: _sample(t, "conndiag_queries_total", **queries) == REQUESTS)
+    text = _wait_for(
+        f"conndiag_queries_total == {REQUESTS}",
+        scrape,
+        lambda t: _sample(t, "conndiag_queries_total", **queries) == REQUESTS,
+    )
     time.sleep(1.5)  # a flush period later it is still exact: nothing counted twice
     text = scrape()
     assert _sample(text, "conndiag_queries_total", **queries) == REQUESTS
-    assert _sample(text, "conndiag_query_duration_seconds_count", **labels,
-                   context="request") == REQUESTS
+    assert (
+        _sample(text, "conndiag_query_duration_seconds_count", **labels, context="request")
+        == REQUESTS
+    )
     assert "pid=" not in text
 
     open_before = _sample(text, "conndiag_connections_open", **labels)

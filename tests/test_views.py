@@ -13,7 +13,7 @@ from conndiag.metrics import MetricsRecorder
 
 pytestmark = [pytest.mark.urls("tests.multiproc.urls"), pytest.mark.django_db]
 
-TOKEN = "s3cret-token-value"  # noqa: S105
+TOKEN = "s3cret-token-value"
 
 
 @pytest.fixture(autouse=True)
@@ -142,8 +142,9 @@ def test_scrape_flushes_pending_query_numbers(settings: Any) -> None:
 
 def _queries(text: bytes) -> float:
     for line in text.decode().splitlines():
-        if line.startswith('conndiag_queries_total{action="observed",alias="default",'
-                           'context="background"'):
+        if line.startswith(
+            'conndiag_queries_total{action="observed",alias="default",context="background"'
+        ):
             return float(line.rsplit(" ", 1)[1])
     return 0.0
 
@@ -154,4 +155,3 @@ def test_view_directly_with_request_factory() -> None:
     assert views.check_access(RequestFactory().get("/metrics"), config) is None
     denied = views.check_access(RequestFactory(REMOTE_ADDR="10.0.0.1").get("/metrics"), config)
     assert denied is not None and denied.status_code == 403
-
