@@ -15,7 +15,6 @@ import sys
 import textwrap
 import threading
 import time
-import timeit
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -33,7 +32,6 @@ from conndiag.metrics import (
     build_metrics,
     component_label,
 )
-from conndiag.records import Diagnosis
 from conndiag.state import state_of
 from tests.handlers import wsgi_json
 from tests.testapp.models import Item
@@ -649,8 +647,8 @@ def test_promtool_is_clean_multiprocess(tmp_path: Path) -> None:
 # -- cost -----------------------------------------------------------------------------------
 
 
-def test_query_recording_is_cheap(m: Scrape) -> None:
-    """MetricsRecorder.query on a warm key costs well under 2 µs (loose bound for CI)."""
+def test_many_batched_queries_are_counted_exactly(m: Scrape) -> None:
+    """100,000 queries recorded on one warm key all reach the counter (cost: tests/benchmark.py)."""
     Item.objects.using("mysql").count()
     db = connections["mysql"]
     state = state_of(db)
@@ -660,8 +658,8 @@ def test_query_recording_is_cheap(m: Scrape) -> None:
     q = Query(db, state, threads.current(), "request", None, "ignore", "SELECT 1", None, False, 0.5)
     q.duration = 0.0003
     m.recorder.query(q)
-    per_call = min(timeit.repeat(lambda: m.recorder.query(q), number=20000, repeat=5)) / 20000
-    assert per_call < 2e-6, per_call
+    for _ in range(100_000):
+        m.recorder.query(q)
     assert (
         m(
             "conndiag_queries_total",
@@ -670,6 +668,5 @@ def test_query_recording_is_cheap(m: Scrape) -> None:
             context="request",
             action="observed",
         )
-        == 1 + 5 * 20000
+        == 1 + 100_000
     )
-    assert isinstance(Diagnosis, type)
