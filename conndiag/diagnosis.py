@@ -6,6 +6,7 @@ label is drawn from :data:`KNOWN_CODES` so metric labels stay bounded.
 
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING, Any
 
 from . import threads
@@ -123,6 +124,14 @@ def likely_cause(
     if error_class in CONNECTION_BROKEN and state is not None:
         wait_timeout = state.wait_timeout
         why = _why_not_recycled(state, info, context, rs)
+        if state.broken is not None:
+            broken_code, broken_at = state.broken
+            cause = (
+                f"the connection already failed ({broken_code}) "
+                f"{_s(time.perf_counter() - broken_at)} ago and was used again: Django "
+                "discards a broken connection only around requests, on the request thread"
+            )
+            return cause if why is None else f"{cause}; {why}"
         if wait_timeout is not None and idle is not None and idle >= wait_timeout:
             cause = f"idle {_s(idle)} > wait_timeout {_s(wait_timeout)}"
             return cause if why is None else f"{cause}; {why}"

@@ -34,6 +34,7 @@ class ConnState:
     __slots__ = (
         "__weakref__",
         "alias",
+        "broken",
         "close_reason",
         "closed",
         "conn_max_age",
@@ -73,6 +74,8 @@ class ConnState:
         self.close_reason: str | None = None
         #: the server's idle timeout for this session, in seconds, once known.
         self.wait_timeout: float | None = None
+        #: (error code, perf_counter time) of the first query that found it broken
+        self.broken: tuple[str, float] | None = None
 
     def connected(self, db: BaseDatabaseWrapper) -> None:
         """Called on the connecting thread right after ``connect()`` succeeded."""

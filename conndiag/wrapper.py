@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import runtime, stale, threads
 from .classify import classify
-from .diagnosis import diagnose
+from .diagnosis import CONNECTION_BROKEN, diagnose
 from .policy import refusal
 from .records import Query
 from .state import STATE_ATTR
@@ -82,7 +82,9 @@ class ExecuteWrapper:
             state.last_used = end
             q.error = exc
             try:
-                q.diagnosis = diagnose(exc, state, info, ctx, rs, q.idle)
+                q.diagnosis = diagnosis = diagnose(exc, state, info, ctx, rs, q.idle)
+                if state.broken is None and diagnosis.error_class in CONNECTION_BROKEN:
+                    state.broken = (diagnosis.code, end)
             except Exception as internal:
                 rt.internal_error("wrapper.diagnose", internal)
             rt.record_query(q)
