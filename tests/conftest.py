@@ -14,6 +14,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import pytest
@@ -21,7 +22,7 @@ import structlog
 from django.conf import settings
 from structlog.testing import capture_logs
 
-from conndiag import runtime
+from conndiag import runtime, serverfacts
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
@@ -143,3 +144,28 @@ def of(events: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
 @pytest.fixture(autouse=True, scope="session")
 def _structlog_defaults() -> None:
     structlog.reset_defaults()
+
+
+@contextmanager
+def mysql_wait_timeout(seconds: int) -> Iterator[None]:
+    """New ``mysql`` connections get ``SET SESSION wait_timeout`` (their session only)."""
+    from django.db import connections
+
+    db = connections["mysql"]
+    options = db.settings_dict["OPTIONS"]
+    db.close()
+    db.settings_dict["OPTIONS"] = {**options, "init_command": f"SET SESSION wait_timeout={seconds}"}
+    serverfacts.clear_cache()
+    try:
+        yield
+    finally:
+        connections["mysql"].close()
+        db.settings_dict["OPTIONS"] = options
+        serverfacts.clear_cache()
+
+
+@pytest.fixture
+def short_timeout() -> Iterator[None]:
+    """Every new ``mysql`` connection gets ``wait_timeout = 1``."""
+    with mysql_wait_timeout(1):
+        yield

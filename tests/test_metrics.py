@@ -15,7 +15,6 @@ import sys
 import textwrap
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -65,20 +64,6 @@ def m(settings: Any) -> Scrape:
     settings.CONNDIAG = {}
     conf.clear_cache()
     return Scrape(settings)
-
-
-@pytest.fixture
-def short_timeout() -> Iterator[None]:
-    """Every new ``mysql`` connection gets ``wait_timeout = 1`` (its session only)."""
-    db = connections["mysql"]
-    options = db.settings_dict["OPTIONS"]
-    db.close()
-    db.settings_dict["OPTIONS"] = {**options, "init_command": "SET SESSION wait_timeout=1"}
-    serverfacts.clear_cache()
-    yield
-    db.close()
-    db.settings_dict["OPTIONS"] = options
-    serverfacts.clear_cache()
 
 
 def _in_thread(fn: Any) -> None:

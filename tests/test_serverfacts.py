@@ -11,7 +11,7 @@ from django.db import connections
 
 from conndiag import install, serverfacts
 from conndiag.state import state_of
-from tests.conftest import of
+from tests.conftest import mysql_wait_timeout, of
 
 pytestmark = pytest.mark.django_db(databases=["default", "mysql"], transaction=True)
 
@@ -19,15 +19,8 @@ pytestmark = pytest.mark.django_db(databases=["default", "mysql"], transaction=T
 @pytest.fixture
 def timeout_7() -> Iterator[None]:
     """New ``mysql`` connections get ``wait_timeout = 7`` through ``init_command``."""
-    db = connections["mysql"]
-    options = db.settings_dict["OPTIONS"]
-    db.close()
-    db.settings_dict["OPTIONS"] = {**options, "init_command": "SET SESSION wait_timeout=7"}
-    serverfacts.clear_cache()
-    yield
-    connections["mysql"].close()
-    db.settings_dict["OPTIONS"] = options
-    serverfacts.clear_cache()
+    with mysql_wait_timeout(7):
+        yield
 
 
 def _reconnect() -> Any:

@@ -4,33 +4,17 @@ from __future__ import annotations
 
 import socket
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from django.db import OperationalError, connections, transaction
 
-from conndiag import serverfacts
 from conndiag.stale import can_replace
 from conndiag.state import state_of
 from tests.conftest import of
 from tests.testapp.models import Item
 
 pytestmark = pytest.mark.django_db(databases=["default", "mysql"], transaction=True)
-
-
-@pytest.fixture
-def short_timeout() -> Iterator[None]:
-    """Every new ``mysql`` connection gets ``wait_timeout = 1`` (its session only)."""
-    db = connections["mysql"]
-    options = db.settings_dict["OPTIONS"]
-    db.close()
-    db.settings_dict["OPTIONS"] = {**options, "init_command": "SET SESSION wait_timeout=1"}
-    serverfacts.clear_cache()
-    yield
-    db.close()
-    db.settings_dict["OPTIONS"] = options
-    serverfacts.clear_cache()
 
 
 def _select_one() -> Any:
