@@ -7,6 +7,7 @@ Static checks are driven through settings; database checks ask the real MariaDB 
 from __future__ import annotations
 
 import os
+import subprocess
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -168,17 +169,23 @@ def test_e002_multiprocess_dir_missing(monkeypatch: pytest.MonkeyPatch, tmp_path
     assert "does not exist" in message.msg
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root can write anywhere")
 def test_e002_multiprocess_dir_not_writable(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    """conndiag.E002 fires when the directory is not writable."""
-    tmp_path.chmod(0o500)
+    """conndiag.E002 fires when the directory is not writable (for root: immutable)."""
+    root = os.geteuid() == 0
+    if root:  # root ignores mode bits; an immutable directory is unwritable even for root
+        subprocess.run(["chattr", "+i", str(tmp_path)], check=True)
+    else:
+        tmp_path.chmod(0o500)
     monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
     try:
         assert "not writable" in checks.check_multiprocess_dir()[0].msg
     finally:
-        tmp_path.chmod(0o700)
+        if root:
+            subprocess.run(["chattr", "-i", str(tmp_path)], check=True)
+        else:
+            tmp_path.chmod(0o700)
 
 
 def test_e002_quiet_for_a_usable_dir_unset_or_metrics_off(
