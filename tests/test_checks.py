@@ -7,8 +7,8 @@ Static checks are driven through settings; database checks ask the real MariaDB 
 from __future__ import annotations
 
 import os
-import subprocess
 import socket
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
