@@ -124,6 +124,11 @@ def mark_closed(db: BaseDatabaseWrapper, state: ConnState, reason: str) -> None:
 def _close(db: BaseDatabaseWrapper, original: Callable[[], None]) -> None:
     state: ConnState | None = db.__dict__.get(STATE_ATTR)
     reason = db.__dict__.pop(_REASON_ATTR, None) or "explicit"
+    if state is not None and state.pid != threads.pid():
+        # Inherited across fork(): closing would send COM_QUIT on the socket the parent
+        # still uses, breaking its connection. Drop it here instead, without closing.
+        discard_inherited(db)
+        return
     try:
         original()
     finally:

@@ -167,3 +167,32 @@ def test_close_reasons_are_documented():
         "explicit",
         "abandoned",
     }
+
+
+def test_closing_an_inherited_connection_in_a_child_spares_the_parent():
+    """A child process that closes a connection inherited across fork() does not send
+    COM_QUIT on the parent's socket: the parent's connection keeps working."""
+    import os
+
+    db = connections["mysql"]
+    db.settings_dict["CONN_MAX_AGE"] = None
+    try:
+        Item.objects.using("mysql").count()
+        parent_state = state_of(db)
+        pid = os.fork()
+        if pid == 0:  # the child: close everything, as a forked worker's cleanup would
+            code = 0
+            try:
+                connections.close_all()
+                if db.connection is not None:
+                    code = 3
+            except BaseException:
+                code = 2
+            os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert Item.objects.using("mysql").count() == 0  # the parent's connection still works
+        assert state_of(db) is parent_state
+    finally:
+        db.settings_dict["CONN_MAX_AGE"] = 0
+        db.close()
