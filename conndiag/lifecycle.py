@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import time
 import weakref
+from collections import deque
 from typing import TYPE_CHECKING, Any
 
 from . import runtime, serverfacts, threads
@@ -69,6 +70,8 @@ def _hook(db: BaseDatabaseWrapper, name: str, hook: Callable[..., Any]) -> None:
 
 
 def _connect(db: BaseDatabaseWrapper, original: Callable[[], None]) -> None:
+    if pending_abandoned:
+        report_abandoned()
     rt = runtime.get()
     info = threads.current()
     context, _ = classify(None, info)
@@ -111,6 +114,8 @@ def _connect(db: BaseDatabaseWrapper, original: Callable[[], None]) -> None:
 
 def mark_closed(db: BaseDatabaseWrapper, state: ConnState, reason: str) -> None:
     """Record that ``state``'s connection was closed for ``reason`` (once)."""
+    if pending_abandoned:
+        report_abandoned()
     if state.closed:
         return
     state.closed = True
@@ -180,13 +185,27 @@ def _close_if_health_check_failed(db: BaseDatabaseWrapper, original: Callable[[]
 
 
 def _collected(state: ConnState) -> None:
-    """weakref.finalize callback: a raw connection died without ``close()``."""
-    if state.closed:
-        return
-    state.closed = True
-    state.close_reason = "abandoned"
-    rt = runtime.get()
-    rt.emit("connection_closed", state, "abandoned")
+    """weakref.finalize callback: a raw connection died without ``close()``.
+
+    It may run inside any allocation (cyclic garbage collection), even while this thread
+    holds one of conndiag's locks, so it only queues the state; :func:`report_abandoned`
+    reports it at the next safe point (a query, a connect or close, a metrics flush).
+    """
+    pending_abandoned.append(state)
+
+
+def report_abandoned() -> None:
+    """Report the connections garbage-collected without a close (reason ``abandoned``)."""
+    while pending_abandoned:
+        try:
+            state = pending_abandoned.popleft()
+        except IndexError:  # another thread took the last one
+            return
+        if state.closed:
+            continue
+        state.closed = True
+        state.close_reason = "abandoned"
+        runtime.get().emit("connection_closed", state, "abandoned")
 
 
 def discard_inherited(db: BaseDatabaseWrapper) -> bool:
@@ -208,3 +227,5 @@ def discard_inherited(db: BaseDatabaseWrapper) -> bool:
 
 
 _inherited: list[Any] = []
+#: states of connections garbage-collected without a close, not reported yet
+pending_abandoned: deque[ConnState] = deque()

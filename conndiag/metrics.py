@@ -529,6 +529,16 @@ def flush(registry: CollectorRegistry | None = None) -> None:
 
 
 def _flush_all_quietly() -> None:
+    from .lifecycle import report_abandoned
+
+    try:
+        report_abandoned()  # a safe point for what garbage collection found
+    except Exception as exc:
+        from . import runtime
+
+        rt = runtime._runtime
+        if rt is not None:
+            rt.internal_error("lifecycle.report_abandoned", exc)
     for metrics in list(_sets.values()):
         try:
             metrics.flush()

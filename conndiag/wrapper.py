@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 from . import runtime, stale, threads
 from .classify import classify
 from .diagnosis import CONNECTION_BROKEN, diagnose
+from .lifecycle import pending_abandoned, report_abandoned
 from .policy import refusal
 from .records import Query
 from .state import STATE_ATTR
@@ -45,6 +46,8 @@ class ExecuteWrapper:
         if state is None or state.connecting:
             # Not a connection conndiag saw open, or init_connection_state() queries.
             return execute(sql, params, many, context)
+        if pending_abandoned:
+            report_abandoned()
         rt = runtime._runtime or runtime.get()
         try:
             info = _current_thread()

@@ -36,6 +36,7 @@ from conndiag.diagnosis import (
     error_code,
     likely_cause,
 )
+from conndiag.lifecycle import report_abandoned
 from conndiag.state import state_of
 from tests.conftest import of
 from tests.handlers import wsgi_get
@@ -431,6 +432,7 @@ def test_connection_abandoned_by_a_finished_thread_is_reported(
     thread.start()
     thread.join()
     gc.collect()
+    report_abandoned()  # the next safe point reports what gc found
     closed = [e for e in of(events, "conndiag.connection.closed") if e["alias"] == "mysql"]
     assert [(e["reason"], e["connection_id"], e["connection_thread"]) for e in closed] == [
         ("abandoned", ids[0], "leaky")

@@ -8,7 +8,7 @@ import threading
 import pytest
 from django.db import connections
 
-from conndiag.lifecycle import CLOSE_REASONS
+from conndiag.lifecycle import CLOSE_REASONS, report_abandoned
 from conndiag.state import state_of
 from conndiag.wrapper import EXECUTE_WRAPPER
 from tests.conftest import of
@@ -130,12 +130,14 @@ def test_thread_that_ends_without_closing_is_abandoned(events):
         Item.objects.using("mysql").count()
 
     gc.collect()  # connections earlier tests abandoned are reported now, not below
+    report_abandoned()  # the next safe point reports what gc found
     before = len(of(events, "conndiag.connection.closed"))
     t = threading.Thread(target=work)
     t.start()
     t.join()
     del t
     gc.collect()
+    report_abandoned()  # the next safe point reports what gc found
     closed = of(events, "conndiag.connection.closed")[before:]
     assert [e["reason"] for e in closed] == ["abandoned"]
     assert closed[0]["connection_thread"].startswith("Thread-")
@@ -196,3 +198,32 @@ def test_closing_an_inherited_connection_in_a_child_spares_the_parent():
     finally:
         db.settings_dict["CONN_MAX_AGE"] = 0
         db.close()
+
+
+def test_garbage_collection_during_a_runtime_build_does_not_deadlock(events):
+    """A connection collected while conndiag holds its build lock (a finalizer runs inside
+    any allocation) is queued, not reported under the lock: no deadlock, reported later.
+    (Found by CI: a finalizer re-entered runtime.get() during the build and hung.)"""
+    from conndiag import runtime
+
+    def work() -> None:
+        Item.objects.using("mysql").count()
+
+    t = threading.Thread(target=work)
+    t.start()
+    t.join()
+    del t
+    runtime.reset()
+    done = threading.Event()
+
+    def collect_under_the_lock() -> None:
+        with runtime._build_lock:  # as during a build
+            gc.collect()  # the abandoned connection's finalizer runs here
+        done.set()
+
+    worker = threading.Thread(target=collect_under_the_lock, daemon=True)
+    worker.start()
+    worker.join(10)
+    assert done.is_set(), "the finalizer blocked on the build lock"
+    report_abandoned()
+    assert "abandoned" in [e["reason"] for e in of(events, "conndiag.connection.closed")]
