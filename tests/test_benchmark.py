@@ -1,0 +1,44 @@
+"""The benchmark script keeps working (a smoke run: it measures, this test does not time)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.mysql
+def test_benchmark_runs_every_variant_and_workload():
+    """One tiny round prints a median for every variant of every workload, SQLite and MySQL."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("DJANGO_SETTINGS_MODULE", None)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "tests/benchmark.py",
+            "--rounds",
+            "1",
+            "--queries",
+            "20",
+            "--requests",
+            "5",
+            "--vendors",
+            "sqlite,mysql",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    ).stdout
+    rows = [line for line in out.splitlines() if ": ORM query" in line or "empty WSGI" in line]
+    assert len(rows) == 5, out
+    for row in rows:
+        numbers = row.split("   ")[-1].split(", ")
+        assert len(numbers) == 3, row  # overhead of filtered, no-metrics, json-log
