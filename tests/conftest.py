@@ -7,6 +7,7 @@ too, MySQL tests fail loudly under ``CI=true`` and are skipped, with the reason,
 
 from __future__ import annotations
 
+import gc
 import os
 import shutil
 import socket
@@ -131,7 +132,15 @@ def _fresh_runtime() -> Iterator[None]:
 
 @pytest.fixture
 def events() -> Iterator[list[dict[str, Any]]]:
-    """Every structlog event emitted during the test, conndiag's included, as dicts."""
+    """Every structlog event emitted during the test, conndiag's included, as dicts.
+
+    Connections earlier tests left to the garbage collector are collected and reported
+    first, so they don't show up as this test's ``abandoned`` closes.
+    """
+    from conndiag.lifecycle import report_abandoned
+
+    gc.collect()
+    report_abandoned()
     with capture_logs() as captured:
         yield captured
 
