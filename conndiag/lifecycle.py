@@ -177,6 +177,14 @@ def _close_if_unusable_or_obsolete(db: BaseDatabaseWrapper, original: Callable[[
 
 
 def _close_if_health_check_failed(db: BaseDatabaseWrapper, original: Callable[[], None]) -> None:
+    # Django calls this for every cursor: skip the bookkeeping when no check will run.
+    if (
+        db.connection is None
+        or not getattr(db, "health_check_enabled", False)
+        or getattr(db, "health_check_done", False)
+    ):
+        original()
+        return
     db.__dict__[_REASON_ATTR] = "health_check_failed"
     try:
         original()

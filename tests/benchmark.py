@@ -1,6 +1,6 @@
 """Per-query and per-request overhead of conndiag against bare Django, in one process.
 
-    python tests/benchmark.py [--rounds 15] [--queries 2000] [--requests 500] [--vendors sqlite,mysql]
+    python tests/benchmark.py [--rounds 41] [--queries 500] [--requests 100] [--vendors sqlite,mysql]
     nox -s bench   (the same, in the main environment)
 
 Every round runs every variant once, in a shuffled order (interleaved), and the report gives
@@ -12,9 +12,11 @@ the median per-query / per-request time of each variant and its overhead over ba
 - ``no-metrics``: as ``filtered`` with ``METRICS=False``;
 - ``json-log``: every query logged as a JSON line to a file (structlog JSONRenderer).
 
-Workloads: an ORM query outside a request (``Item.objects.filter(pk=1).first()``), the same
-query inside a request through the WSGI handler (a view running 10 of them), and an empty
-request. MySQL needs the server of ``CONNDIAG_TEST_MYSQL_URL`` (default 127.0.0.1:3306).
+Workloads: a bare ``cursor.execute("SELECT 1")`` through Django's cursor (the wrapper's own
+cost, with the least noise around it), an ORM query outside a request
+(``Item.objects.filter(pk=1).first()``), the same query inside a request through the WSGI
+handler (a view running 10 of them), and an empty request. Many short rounds keep the
+machine's drift out of the comparison. MySQL needs the server of ``CONNDIAG_TEST_MYSQL_URL`` (default 127.0.0.1:3306).
 """
 
 from __future__ import annotations
@@ -121,6 +123,16 @@ class Switch:
         self.log_file.close()
 
 
+def cursor_loop(alias: str, n: int) -> float:
+    from django.db import connections
+
+    with connections[alias].cursor() as cursor:
+        start = time.perf_counter()
+        for _ in range(n):
+            cursor.execute("SELECT 1")
+        return (time.perf_counter() - start) / n
+
+
 def query_loop(alias: str, n: int) -> float:
     from tests.testapp.models import Item
 
@@ -150,9 +162,9 @@ def request_loop(handler: Callable[..., object], path: str, query: str, n: int) 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--rounds", type=int, default=15)
-    parser.add_argument("--queries", type=int, default=2000)
-    parser.add_argument("--requests", type=int, default=400)
+    parser.add_argument("--rounds", type=int, default=41)
+    parser.add_argument("--queries", type=int, default=500)
+    parser.add_argument("--requests", type=int, default=100)
     parser.add_argument("--vendors", default="sqlite,mysql")
     args = parser.parse_args()
     vendors = args.vendors.split(",")
@@ -169,6 +181,9 @@ def main() -> None:
     for vendor in vendors:
         alias = "default" if vendor == "sqlite" else "mysql"
         connections[alias].settings_dict["CONN_MAX_AGE"] = None  # keep one connection
+        workloads[f"{vendor}: cursor.execute, no request (per query)"] = lambda h, a=alias: (
+            cursor_loop(a, args.queries * 4)
+        )
         workloads[f"{vendor}: ORM query, no request (per query)"] = lambda h, a=alias: query_loop(
             a, args.queries
         )

@@ -227,3 +227,34 @@ def test_garbage_collection_during_a_runtime_build_does_not_deadlock(events):
     assert done.is_set(), "the finalizer blocked on the build lock"
     report_abandoned()
     assert "abandoned" in [e["reason"] for e in of(events, "conndiag.connection.closed")]
+
+
+def test_health_check_failure_is_a_close_reason(events):
+    """Django 4.1+ with CONN_HEALTH_CHECKS: a killed persistent connection fails its health
+    check at the next request and is closed as ``health_check_failed``; the request succeeds
+    on a new connection. (Django < 4.1 has no health checks: nothing is hooked.)"""
+    import django
+
+    db = connections["mysql"]
+    if django.VERSION < (4, 1):
+        assert not hasattr(db, "close_if_health_check_failed")
+        return
+    db.settings_dict["CONN_MAX_AGE"] = None
+    db.settings_dict["CONN_HEALTH_CHECKS"] = True
+    try:
+        db.close()
+        wsgi_get("/sync/", "db=mysql")
+        victim = state_of(db).server_id
+        other = connections.create_connection("mysql")
+        with other.cursor() as cursor:
+            cursor.execute(f"KILL {int(victim)}")
+        other.close()
+        status, _ = wsgi_get("/sync/", "db=mysql")
+        assert status.startswith("200")
+    finally:
+        db.settings_dict["CONN_MAX_AGE"] = 0
+        db.settings_dict["CONN_HEALTH_CHECKS"] = False
+        db.close()
+    reasons = [e["reason"] for e in of(events, "conndiag.connection.closed")]
+    assert "health_check_failed" in reasons
+    assert state_of(db).server_id != victim
