@@ -13,17 +13,21 @@ from __future__ import annotations
 import time
 import weakref
 from collections import deque
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from . import runtime, serverfacts, threads
 from .classify import classify
 from .diagnosis import diagnose
+from .policy import refusal
+from .records import Query
 from .state import STATE_ATTR, ConnState
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
     from django.db.backends.base.base import BaseDatabaseWrapper
+
+    from .scope import RequestScope
 
 _INSTALLED_ATTR = "_conndiag_installed"
 _REASON_ATTR = "_conndiag_close_reason"
@@ -74,8 +78,11 @@ def _connect(db: BaseDatabaseWrapper, original: Callable[[], None]) -> None:
         report_abandoned()
     rt = runtime.get()
     info = threads.current()
-    context, _ = classify(None, info)
+    context, rs = classify(None, info)
     state = ConnState(db, info, context)
+    if rt.policy[context] == "raise":
+        # Refuse before even opening a connection: a detached thread would never close it.
+        _refuse_connect(db, state, info, context, rs, rt)
     db.__dict__[STATE_ATTR] = state
     try:
         original()
@@ -110,6 +117,22 @@ def _connect(db: BaseDatabaseWrapper, original: Callable[[], None]) -> None:
     except Exception as internal:
         state.connecting = False
         rt.internal_error("lifecycle.connect", internal)
+
+
+def _refuse_connect(
+    db: BaseDatabaseWrapper,
+    state: ConnState,
+    info: threads.ThreadInfo,
+    context: str,
+    rs: RequestScope | None,
+    rt: runtime.Runtime,
+) -> NoReturn:
+    """Report and raise the refusal of work whose context's policy is ``raise``."""
+    state.connecting = False
+    state.closed = True
+    state.close_reason = "refused"
+    rt.record_query(Query(db, state, info, context, rs, "raise", "", None, False, 0.0))
+    raise refusal(context, db.alias, db.vendor, None, info, rs)
 
 
 def mark_closed(db: BaseDatabaseWrapper, state: ConnState, reason: str) -> None:

@@ -57,11 +57,12 @@ FIX_CROSS_THREAD = (
 
 
 def describe_connection(state: ConnState | None) -> str:
-    if state is None:
-        return "a connection not opened yet"
+    """``on a connection (...)``, or ``before any connection was opened``."""
+    if state is None or state.close_reason == "refused":
+        return "before any connection was opened"
     sid = f"server id {state.server_id}, " if state.server_id is not None else ""
     return (
-        f"connection ({sid}opened {state.age():.1f} s ago by process {state.pid}, "
+        f"on a connection ({sid}opened {state.age():.1f} s ago by process {state.pid}, "
         f"{state.queries} queries served)"
     )
 
@@ -82,18 +83,16 @@ def explain(
     origin = f"started by request {rs.describe()}" if rs is not None else "of unknown origin"
     conn = describe_connection(state)
     if context == "forked":
-        assert_state = state.pid if state is not None else "another process"
-        return (
-            f"{where} uses a {conn} that process {assert_state} opened. {WHY_FORKED} {FIX_FORKED}"
-        )
+        opener = state.pid if state is not None else "another process"
+        return f"{where} uses a connection that process {opener} opened. {WHY_FORKED} {FIX_FORKED}"
     if context == "detached":
         return (
-            f"{where}: this work was {origin}, and runs outside that request's thread, on a "
+            f"{where}: this work was {origin}, and runs outside that request's thread, "
             f"{conn}. {WHY_DETACHED} {FIX_DETACHED.format(context=context)}"
         )
     if context == "cross_thread":
-        return f"{where}, {origin}, on a {conn}. {WHY_CROSS_THREAD} {FIX_CROSS_THREAD}"
-    return f"{where} ({context}), on a {conn}."
+        return f"{where}, {origin}, {conn}. {WHY_CROSS_THREAD} {FIX_CROSS_THREAD}"
+    return f"{where} ({context}), {conn}."
 
 
 def refusal(

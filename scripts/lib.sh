@@ -46,3 +46,15 @@ add_pyenv_pythons() {
   done
   export PATH
 }
+
+ensure_postgres() {
+  port_open 127.0.0.1 5432 && return 0
+  if command -v pg_ctlcluster >/dev/null && [ -d /etc/postgresql ]; then
+    log "starting PostgreSQL"
+    for version in /etc/postgresql/*; do
+      pg_ctlcluster --skip-systemctl-redirect "$(basename "$version")" main start || true
+    done
+    for _ in $(seq 60); do port_open 127.0.0.1 5432 && return 0; sleep 0.5; done
+  fi
+  log "no PostgreSQL on 127.0.0.1:5432; PostgreSQL tests fail under CI=true"
+}

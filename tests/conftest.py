@@ -76,7 +76,7 @@ def _start_private_mariadb() -> tuple[str, int] | None:
     return None
 
 
-def _mysql_unavailable_reason() -> str | None:
+def _mysql_probe() -> str | None:
     db = settings.DATABASES["mysql"]
     host, port = str(db["HOST"]), int(db["PORT"])
     if _reachable(host, port):
@@ -88,38 +88,52 @@ def _mysql_unavailable_reason() -> str | None:
     return f"no MySQL/MariaDB server at {host}:{port} and none could be started"
 
 
-_MYSQL_REASON: list[str | None] = []
+def _postgres_unavailable_reason() -> str | None:
+    db = settings.DATABASES["postgres"]
+    host, port = str(db["HOST"]), int(db["PORT"])
+    if _reachable(host, port):
+        return None
+    return f"no PostgreSQL server at {host}:{port}"
+
+
+_REASONS: dict[str, str | None] = {}
+_PROBES = {"mysql": _mysql_probe, "postgres": _postgres_unavailable_reason}
+
+
+def unavailable_reason(service: str) -> str | None:
+    if service not in _REASONS:
+        _REASONS[service] = _PROBES[service]()
+    return _REASONS[service]
 
 
 def mysql_unavailable_reason() -> str | None:
-    if not _MYSQL_REASON:
-        _MYSQL_REASON.append(_mysql_unavailable_reason())
-    return _MYSQL_REASON[0]
+    """Why MySQL tests cannot run (None: they can), probed once per session."""
+    return unavailable_reason("mysql")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Tests that use the ``mysql`` alias get the ``mysql`` marker automatically."""
+    """Tests that use the ``mysql`` / ``postgres`` alias get that marker automatically."""
     for item in items:
-        if "mysql" in item.keywords:
-            continue
         cls = getattr(item, "cls", None)
-        databases = getattr(cls, "databases", None) or set()
+        databases = set(getattr(cls, "databases", None) or ())
         marker = item.get_closest_marker("django_db")
         if marker is not None:
-            databases = set(databases) | set(marker.kwargs.get("databases", ()) or ())
-        if "mysql" in databases:
-            item.add_marker(pytest.mark.mysql)
+            databases |= set(marker.kwargs.get("databases", ()) or ())
+        for service in _PROBES:
+            if service in databases and service not in item.keywords:
+                item.add_marker(getattr(pytest.mark, service))
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:
-    if item.get_closest_marker("mysql") is None:
-        return
-    reason = mysql_unavailable_reason()
-    if reason is None:
-        return
-    if IN_CI:
-        pytest.fail(f"CI needs a MySQL/MariaDB server: {reason}", pytrace=False)
-    pytest.skip(f"{reason} (set CONNDIAG_TEST_MYSQL_URL; under CI=true this fails)")
+    for service in _PROBES:
+        if item.get_closest_marker(service) is None:
+            continue
+        reason = unavailable_reason(service)
+        if reason is None:
+            continue
+        if IN_CI:
+            pytest.fail(f"CI needs a {service} server: {reason}", pytrace=False)
+        pytest.skip(f"{reason} (see tests/settings.py; under CI=true this fails)")
 
 
 @pytest.fixture(autouse=True)

@@ -1,4 +1,6 @@
-"""Settings for conndiag's test suite: SQLite as ``default``, a real MariaDB as ``mysql``.
+"""Settings for conndiag's test suite: SQLite as ``default``, a real MariaDB as ``mysql``, a
+real PostgreSQL as ``postgres`` (``CONNDIAG_TEST_POSTGRES_URL``, default
+``postgresql://postgres@127.0.0.1:5432/test``).
 
 ``CONNDIAG_TEST_MYSQL_URL`` (default ``mysql://root@127.0.0.1:3306/test``) points the MySQL
 alias elsewhere. The test database is ``test_conndiag`` (+ ``CONNDIAG_TEST_DB_SUFFIX``, so
@@ -46,11 +48,31 @@ def mysql_settings(url: str) -> dict[str, object]:
     }
 
 
+def postgres_settings(url: str) -> dict[str, object]:
+    parts = urlsplit(url)
+    return {
+        "ENGINE": "django.db.backends.postgresql",
+        "HOST": parts.hostname or "127.0.0.1",
+        "PORT": str(parts.port or 5432),
+        "USER": unquote(parts.username or "postgres"),
+        "PASSWORD": unquote(parts.password or ""),
+        "NAME": parts.path.lstrip("/") or "test",
+        "TEST": {
+            "NAME": "test_conndiag" + os.environ.get("CONNDIAG_TEST_DB_SUFFIX", ""),
+            "DEPENDENCIES": [],
+        },
+    }
+
+
+POSTGRES_URL = os.environ.get(
+    "CONNDIAG_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test"
+)
 MYSQL_URL = os.environ.get("CONNDIAG_TEST_MYSQL_URL", "mysql://root@127.0.0.1:3306/test")
 
 DATABASES = {
     "default": {"ENGINE": "django.db.backends.sqlite3", "NAME": ":memory:"},
     "mysql": mysql_settings(MYSQL_URL),
+    "postgres": postgres_settings(POSTGRES_URL),
 }
 
 CONNDIAG: dict[str, object] = {}
