@@ -96,9 +96,11 @@ def test_escape_hatch_in_a_thread_started_from_a_view(alias, events):
     assert all(e["context"] == "background" and e["allowed"] for e in queries)
     if alias == "mysql":  # Django never closes an in-memory SQLite database
         closed = of(events, "conndiag.connection.closed")
-        assert [e["reason"] for e in closed if e["connection_thread"] != "MainThread"] == [
-            "background_work"
-        ]
+        reasons = [e["reason"] for e in closed if e["connection_thread"] != "MainThread"]
+        # Django 6.0 may first open and close a temporary connection (server version): that
+        # close is Django's own ("explicit"); the hatch closes the connection it still holds.
+        assert reasons[-1] == "background_work"
+        assert set(reasons) <= {"explicit", "background_work"}
 
 
 def test_thread_outliving_its_response_names_the_returned_request(alias, events):
