@@ -152,6 +152,12 @@ def mark_closed(db: BaseDatabaseWrapper, state: ConnState, reason: str) -> None:
 def _close(db: BaseDatabaseWrapper, original: Callable[[], None]) -> None:
     state: ConnState | None = db.__dict__.get(STATE_ATTR)
     reason = db.__dict__.pop(_REASON_ATTR, None) or "explicit"
+    if reason is _OBSOLETE:
+        # Closing from close_if_unusable_or_obsolete: the state still says why.
+        try:
+            reason = _obsolete_reason(db)
+        except Exception:
+            reason = "unusable"
     if state is not None and state.pid != threads.pid():
         # Inherited across fork(): closing would send COM_QUIT on the socket the parent
         # still uses, breaking its connection. Drop it here instead, without closing.
@@ -177,22 +183,27 @@ def close_with_reason(db: BaseDatabaseWrapper, reason: str) -> None:
 
 
 def _obsolete_reason(db: BaseDatabaseWrapper) -> str:
-    """Why ``close_if_unusable_or_obsolete`` would close ``db`` now, if it does."""
-    if db.get_autocommit() != db.settings_dict["AUTOCOMMIT"]:
-        return "unusable"
-    close_at = db.close_at
-    expired = close_at is not None and time.monotonic() >= close_at
-    if db.errors_occurred and not expired:
+    """Why ``close_if_unusable_or_obsolete`` is closing ``db`` (called while it closes).
+
+    Django resets ``errors_occurred`` when the connection proved usable, so an error flag
+    still set here means it was not.
+    """
+    if db.get_autocommit() != db.settings_dict["AUTOCOMMIT"] or db.errors_occurred:
         return "unusable"
     return "max_age" if db.settings_dict.get("CONN_MAX_AGE") else "request_end"
 
 
+#: marker for "closing from close_if_unusable_or_obsolete" (the reason is found at close)
+_OBSOLETE = "(obsolete)"
+
+
 def _close_if_unusable_or_obsolete(db: BaseDatabaseWrapper, original: Callable[[], None]) -> None:
-    if db.connection is not None:
-        try:
-            db.__dict__[_REASON_ATTR] = _obsolete_reason(db)
-        except Exception:
-            db.__dict__.pop(_REASON_ATTR, None)
+    # Runs twice per request per alias: only mark the call, work out the reason only if
+    # Django actually closes (in _close).
+    if db.connection is None:
+        original()
+        return
+    db.__dict__[_REASON_ATTR] = _OBSOLETE
     try:
         original()
     finally:
