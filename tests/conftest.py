@@ -192,3 +192,15 @@ def short_timeout() -> Iterator[None]:
     """Every new ``mysql`` connection gets ``wait_timeout = 1``."""
     with mysql_wait_timeout(1):
         yield
+
+
+def kill_mysql_connection(server_id: int) -> None:
+    """``KILL`` a MySQL connection from another connection, as an operator or the server would."""
+    from django.db import connections
+
+    other = connections.create_connection("mysql")
+    try:
+        with other.cursor() as cursor:
+            cursor.execute(f"KILL {int(server_id)}")
+    finally:
+        other.close()

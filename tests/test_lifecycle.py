@@ -11,7 +11,7 @@ from django.db import connections
 from conndiag.lifecycle import CLOSE_REASONS, report_abandoned
 from conndiag.state import state_of
 from conndiag.wrapper import EXECUTE_WRAPPER
-from tests.conftest import of
+from tests.conftest import kill_mysql_connection, of
 from tests.handlers import wsgi_get
 from tests.testapp.models import Item
 
@@ -107,10 +107,7 @@ def test_unusable_close_after_a_killed_connection(events):
     try:
         wsgi_get("/sync/", "db=mysql")
         victim = state_of(db).server_id
-        other = connections.create_connection("mysql")
-        with other.cursor() as cursor:
-            cursor.execute(f"KILL {int(victim)}")
-        other.close()
+        kill_mysql_connection(victim)
         status, _ = wsgi_get("/sync/", "db=mysql")
         assert status.startswith("500")
         wsgi_get("/sync/", "db=mysql")
@@ -245,10 +242,7 @@ def test_health_check_failure_is_a_close_reason(events):
         db.close()
         wsgi_get("/sync/", "db=mysql")
         victim = state_of(db).server_id
-        other = connections.create_connection("mysql")
-        with other.cursor() as cursor:
-            cursor.execute(f"KILL {int(victim)}")
-        other.close()
+        kill_mysql_connection(victim)
         status, _ = wsgi_get("/sync/", "db=mysql")
         assert status.startswith("200")
     finally:

@@ -61,8 +61,8 @@ def port_in_use(port: int) -> bool:
     return False
 
 
-def create_mysql_database(url: str) -> None:
-    """``CREATE DATABASE IF NOT EXISTS`` for the database named in ``url``."""
+def _mysql_server(url: str) -> tuple[Any, str]:
+    """A connection to the server of ``url`` (no database selected) and the quoted name."""
     import MySQLdb  # only in MySQL mode: SQLite needs no driver
 
     db = dburl.database_from_url(url)
@@ -73,25 +73,21 @@ def create_mysql_database(url: str) -> None:
         passwd=str(db["PASSWORD"]),
         charset="utf8mb4",
     )
+    return conn, str(db["NAME"]).replace("`", "``")
+
+
+def create_mysql_database(url: str) -> None:
+    """``CREATE DATABASE IF NOT EXISTS`` for the database named in ``url``."""
+    conn, name = _mysql_server(url)
     try:
-        name = str(db["NAME"]).replace("`", "``")
         conn.cursor().execute(f"CREATE DATABASE IF NOT EXISTS `{name}` CHARACTER SET utf8mb4")
     finally:
         conn.close()
 
 
 def drop_mysql_database(url: str) -> None:
-    import MySQLdb
-
-    db = dburl.database_from_url(url)
-    conn = MySQLdb.connect(
-        host=str(db["HOST"]),
-        port=int(str(db["PORT"])),
-        user=str(db["USER"]),
-        passwd=str(db["PASSWORD"]),
-    )
+    conn, name = _mysql_server(url)
     try:
-        name = str(db["NAME"]).replace("`", "``")
         conn.cursor().execute(f"DROP DATABASE IF EXISTS `{name}`")
     finally:
         conn.close()
