@@ -19,7 +19,7 @@ way to run ORM work in a thread. Blocks nest: only the outermost one manages con
 from __future__ import annotations
 
 from contextlib import ContextDecorator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from django.db import connections
 
@@ -47,15 +47,16 @@ def _is_stale(state: ConnState | None) -> bool:
 
 
 class background_db_work(ContextDecorator):
-    """Run deliberate background database work correctly (context manager and decorator)."""
+    """Run deliberate background database work correctly (context manager and decorator).
 
-    def __init__(self) -> None:
-        self._before: list[tuple[BaseDatabaseWrapper, Any]] = []
+    One instance may be entered by several threads at once (a decorated function run by a
+    pool): what it remembers lives on the entering thread, never on the instance.
+    """
 
     def __enter__(self) -> background_db_work:
         info = threads.current()
         if info.allow_depth == 0:
-            self._before = []
+            kept: list[ConnState] = []
             for db in _initialized():
                 if db.connection is None:
                     continue
@@ -65,8 +66,10 @@ class background_db_work(ContextDecorator):
                     db.close_if_unusable_or_obsolete()
                     if db.connection is not None and _is_stale(db.__dict__.get(STATE_ATTR)):
                         close_with_reason(db, "background_work")
-                if db.connection is not None:
-                    self._before.append((db, db.__dict__.get(STATE_ATTR)))
+                state = db.__dict__.get(STATE_ATTR)
+                if db.connection is not None and state is not None:
+                    kept.append(state)
+            info.allow_kept = kept
         info.allow_depth += 1
         return self
 
@@ -75,10 +78,10 @@ class background_db_work(ContextDecorator):
         info.allow_depth -= 1
         if info.allow_depth:
             return
-        kept = {id(state) for _, state in self._before}
-        self._before = []
+        kept = info.allow_kept
+        info.allow_kept = []
         for db in _initialized():
             if db.connection is None or db.in_atomic_block:
                 continue
-            if id(db.__dict__.get(STATE_ATTR)) not in kept:
+            if not any(db.__dict__.get(STATE_ATTR) is state for state in kept):
                 close_with_reason(db, "background_work")

@@ -41,6 +41,7 @@ class ThreadInfo:
     __slots__ = (
         "__weakref__",
         "allow_depth",
+        "allow_kept",
         "ident",
         "in_submit",
         "native_id",
@@ -63,6 +64,8 @@ class ThreadInfo:
         self.scope: RequestScope | None = None
         #: depth of :func:`conndiag.background_db_work` blocks on this thread.
         self.allow_depth = 0
+        #: connections the outermost such block found open (it leaves them open)
+        self.allow_kept: list[Any] = []
         self.in_submit = 0
 
     @property

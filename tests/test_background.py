@@ -103,3 +103,35 @@ def test_decorator_form():
 
     assert work() == 0
     assert threads.current().allow_depth == 0
+
+
+def test_one_decorated_function_run_by_many_threads_at_once(events):
+    """A decorated function run concurrently by pool threads: each block keeps its own
+    thread's earlier connection open (the instance keeps no per-call state)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    barrier = threading.Barrier(4)
+
+    @conndiag.background_db_work()
+    def hatch() -> None:
+        barrier.wait(10)  # all four blocks are open at once
+
+    def task() -> bool:
+        db = connections["mysql"]
+        Item.objects.using("mysql").count()  # a connection of this thread, opened before
+        before = state_of(db)
+        hatch()
+        kept = db.connection is not None and state_of(db) is before
+        db.close()
+        return kept
+
+    db = connections["mysql"]
+    db.settings_dict["CONN_MAX_AGE"] = None  # fresh connections are not recycled on entry
+    try:
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            results = [f.result(20) for f in [pool.submit(task) for _ in range(4)]]
+    finally:
+        db.settings_dict["CONN_MAX_AGE"] = 0
+    assert results == [True, True, True, True]
+    reasons = [e["reason"] for e in of(events, "conndiag.connection.closed")]
+    assert "background_work" not in reasons
