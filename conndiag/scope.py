@@ -62,9 +62,7 @@ class RequestScope:
         "finished",
         "method",
         "path",
-        "request_id_rejected",
         "started",
-        "started_wall",
         "thread",
         "view",
     )
@@ -72,10 +70,8 @@ class RequestScope:
     def __init__(self, thread: threads.ThreadInfo) -> None:
         self.thread = thread
         self.started = time.perf_counter()
-        self.started_wall = time.time()
         self.finished: float | None = None
         self._request_id: str | None = None
-        self.request_id_rejected = False
         self.method: str | None = None
         self.path: str | None = None
         self._request: HttpRequest | None = None
@@ -100,13 +96,10 @@ class RequestScope:
         self.path = clean_path(request.path)
         self._request = request
         if header_meta_key is not None:
-            raw = request.META.get(header_meta_key)
-            if raw is not None:
-                rid = clean_request_id(raw)
-                if rid is None:
-                    self.request_id_rejected = True
-                else:
-                    self._request_id = rid
+            # A missing or hostile value is ignored (an id is generated): never logged raw.
+            rid = clean_request_id(request.META.get(header_meta_key))
+            if rid is not None:
+                self._request_id = rid
 
     def view_name(self) -> str | None:
         """The resolved view (URL name, or the view's dotted path), once it is known."""
