@@ -135,7 +135,11 @@ def demo_run(
                 if run.metrics_status != 200:
                     return False
                 samples = runner.parse_metrics(run.metrics)
-                return runner.metric_sum(samples, "conndiag_queries_total", context="detached") >= 2
+                minimum = {"detached": 2, "request": 8, "background": 4}  # what tests assert
+                return all(
+                    runner.metric_sum(samples, "conndiag_queries_total", context=context) >= n
+                    for context, n in minimum.items()
+                )
 
             _wait_for(counted, 10)
             yield run
