@@ -16,7 +16,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, NoReturn
 
 import pytest
 import structlog
@@ -26,6 +26,21 @@ from structlog.testing import capture_logs
 from conndiag import runtime, serverfacts
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def unavailable(reason: str) -> NoReturn:
+    """A needed service or tool is missing: fail under ``CI=true``, skip (saying so) elsewhere."""
+    if IN_CI:
+        pytest.fail(f"CI needs it: {reason}", pytrace=False)
+    pytest.skip(f"{reason} (under CI=true this fails)")
+
+
+def require_tool(name: str, package: str) -> str:
+    """The path of command ``name`` (from Debian's ``package``), or :func:`unavailable`."""
+    path = shutil.which(name)
+    if path is None:
+        unavailable(f"{name} is not installed (apt-get install {package})")
+    return path
 
 
 def _reachable(host: str, port: int) -> bool:
@@ -131,9 +146,7 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
         reason = unavailable_reason(service)
         if reason is None:
             continue
-        if IN_CI:
-            pytest.fail(f"CI needs a {service} server: {reason}", pytrace=False)
-        pytest.skip(f"{reason} (see tests/settings.py; under CI=true this fails)")
+        unavailable(f"a {service} server: {reason} (see tests/settings.py)")
 
 
 @pytest.fixture(autouse=True)

@@ -7,9 +7,7 @@ it quiet. promtool missing fails the test under ``CI=true`` and skips it elsewhe
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -18,21 +16,16 @@ import pytest
 import yaml
 
 from dashboards import checks, generate
+from tests.conftest import require_tool
 
 ROOT = Path(__file__).resolve().parents[1]
 DASHBOARDS = ROOT / "dashboards"
 PROM_DIR = DASHBOARDS / "prometheus"
-IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 SEVERITIES = {"critical", "warning", "info"}
 
 
 def _promtool() -> str:
-    path = shutil.which("promtool")
-    if path is None:
-        if IN_CI:
-            pytest.fail("promtool is not installed (CI needs it: apt-get install prometheus)")
-        pytest.skip("promtool is not installed (under CI=true this fails)")
-    return path
+    return require_tool("promtool", "prometheus")
 
 
 def _alerts(path: str) -> list[dict[str, Any]]:

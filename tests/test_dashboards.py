@@ -9,7 +9,6 @@ expression parses (@grafana/lezer-logql) and uses only fields of conndiag's log 
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
 from typing import Any
@@ -19,11 +18,11 @@ import pytest
 
 import conndiag.events
 from dashboards import checks, generate
+from tests.conftest import unavailable
 
 ROOT = Path(__file__).resolve().parents[1]
 DASHBOARDS = ROOT / "dashboards"
 SCHEMAS = DASHBOARDS / "schemas"
-IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 # Enumerated by grafana/dashboard-linter's panel-units-rule (from Grafana's unit categories);
 # the subset a connection dashboard can sensibly use.
@@ -65,9 +64,7 @@ LOKI_BUILTIN_LABELS = frozenset({"__error__", "__error_details__", "__line__"})
 
 def _tool(path: str | None, name: str) -> str:
     if path is None:
-        if IN_CI:
-            pytest.fail(f"{name} is not installed (CI needs it: apt-get install prometheus)")
-        pytest.skip(f"{name} is not installed (under CI=true this fails)")
+        unavailable(f"{name} is not installed (apt-get install prometheus, or nodejs npm)")
     return path
 
 

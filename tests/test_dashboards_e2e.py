@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -34,11 +33,11 @@ import yaml
 from django.conf import settings
 
 from dashboards import checks, generate
+from tests.conftest import require_tool
 
 pytestmark = [pytest.mark.slow, pytest.mark.mysql]
 
 ROOT = Path(__file__).resolve().parents[1]
-IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 E2E_DB = "conndiag_e2e" + os.environ.get("CONNDIAG_TEST_DB_SUFFIX", "")
 
 #: panels that must return data after the load (title -> refIds that must)
@@ -167,11 +166,7 @@ def test_dashboards_and_alerts_against_real_prometheus(tmp_path: Path) -> None:
     Prometheus scraping a loaded site; key panels return data; the detached-query and
     connection-lost alerts go pending or firing; the fields the Loki rules use appear in the
     JSON log lines the site emitted."""
-    prometheus_bin = shutil.which("prometheus")
-    if prometheus_bin is None:
-        if IN_CI:
-            pytest.fail("prometheus is not installed (CI needs it: apt-get install prometheus)")
-        pytest.skip("prometheus is not installed (under CI=true this fails)")
+    prometheus_bin = require_tool("prometheus", "prometheus")
     _create_database()
     site_port, prom_port = _free_port(), _free_port()
     site = f"http://127.0.0.1:{site_port}"
@@ -330,11 +325,7 @@ def test_dashboards_and_alerts_against_real_prometheus(tmp_path: Path) -> None:
     assert {"conndiag.query.refused", "conndiag.query.failed", "conndiag.connection.opened"} <= set(
         keys_by_event
     )
-    node = shutil.which("node")
-    if node is None:
-        if IN_CI:
-            pytest.fail("node is not installed (CI needs it for @grafana/lezer-logql)")
-        return
+    node = require_tool("node", "nodejs")
     checks.ensure_logql_parser()
     loki_exprs = [expr for _, expr in checks.rule_exprs(generate.LOKI_RULES)]
     stream_labels = set(generate.load_config()["loki"]["stream_labels"])

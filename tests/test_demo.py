@@ -22,6 +22,8 @@ from typing import Any
 import pytest
 from django.conf import settings
 
+from tests.conftest import unavailable
+
 REPO = Path(__file__).resolve().parent.parent
 SITE = REPO / "demo_site"
 
@@ -99,7 +101,7 @@ def demo_run(
     if request.param == "mysql":
         reason = mysql_unavailable_reason()
         if reason is not None:
-            pytest.skip(reason)
+            unavailable(reason)
         database_url = _mysql_url(f"conndiag_demo_test{os.getpid()}")
     var = tmp_path_factory.mktemp(f"demo-{request.param}")
     demo = runner.Demo(
@@ -368,7 +370,7 @@ def test_pool_thread_gone_away_on_mysql_when_only_logged(tmp_path: Path) -> None
 
     reason = mysql_unavailable_reason()
     if reason is not None:
-        pytest.skip(reason)
+        unavailable(reason)
     database_url = _mysql_url(f"conndiag_demo_gone{os.getpid()}")
     demo = runner.Demo(
         python=sys.executable,

@@ -9,7 +9,6 @@ from __future__ import annotations
 import gc
 import math
 import os
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -33,6 +32,7 @@ from conndiag.metrics import (
     component_label,
 )
 from conndiag.state import state_of
+from tests.conftest import require_tool
 from tests.handlers import wsgi_json
 from tests.testapp.models import Item
 
@@ -545,12 +545,12 @@ def _promtool(text: bytes) -> subprocess.CompletedProcess[bytes]:
     )
 
 
-needs_promtool = pytest.mark.skipif(
-    shutil.which("promtool") is None, reason="promtool is not installed"
-)
+@pytest.fixture
+def needs_promtool() -> None:
+    require_tool("promtool", "prometheus")
 
 
-@needs_promtool
+@pytest.mark.usefixtures("needs_promtool")
 def test_promtool_is_clean_single_process(m: Scrape, short_timeout: None) -> None:
     """``promtool check metrics`` reports nothing on a busy single-process exposition."""
     wsgi_json("/sync/")
@@ -602,7 +602,7 @@ MULTIPROCESS_SCRIPT = textwrap.dedent("""
 """)
 
 
-@needs_promtool
+@pytest.mark.usefixtures("needs_promtool")
 @pytest.mark.mysql
 def test_promtool_is_clean_multiprocess(tmp_path: Path) -> None:
     """With PROMETHEUS_MULTIPROC_DIR set before prometheus_client loads (a subprocess),
