@@ -10,6 +10,7 @@ matrix runs in parallel don't collide).
 from __future__ import annotations
 
 import os
+from typing import Any
 from urllib.parse import unquote, urlsplit
 
 SECRET_KEY = "conndiag-tests-not-secret"
@@ -31,30 +32,14 @@ MIDDLEWARE = [
 ]
 
 
-def mysql_settings(url: str) -> dict[str, object]:
+def server_settings(url: str, engine: str, port: int, user: str) -> dict[str, Any]:
+    """A ``DATABASES`` entry for a server database from ``scheme://user:pw@host:port/name``."""
     parts = urlsplit(url)
     return {
-        "ENGINE": "django.db.backends.mysql",
+        "ENGINE": engine,
         "HOST": parts.hostname or "127.0.0.1",
-        "PORT": str(parts.port or 3306),
-        "USER": unquote(parts.username or "root"),
-        "PASSWORD": unquote(parts.password or ""),
-        "NAME": parts.path.lstrip("/") or "test",
-        "OPTIONS": {"charset": "utf8mb4"},
-        "TEST": {
-            "NAME": "test_conndiag" + os.environ.get("CONNDIAG_TEST_DB_SUFFIX", ""),
-            "DEPENDENCIES": [],
-        },
-    }
-
-
-def postgres_settings(url: str) -> dict[str, object]:
-    parts = urlsplit(url)
-    return {
-        "ENGINE": "django.db.backends.postgresql",
-        "HOST": parts.hostname or "127.0.0.1",
-        "PORT": str(parts.port or 5432),
-        "USER": unquote(parts.username or "postgres"),
+        "PORT": str(parts.port or port),
+        "USER": unquote(parts.username or user),
         "PASSWORD": unquote(parts.password or ""),
         "NAME": parts.path.lstrip("/") or "test",
         "TEST": {
@@ -62,6 +47,16 @@ def postgres_settings(url: str) -> dict[str, object]:
             "DEPENDENCIES": [],
         },
     }
+
+
+def mysql_settings(url: str) -> dict[str, Any]:
+    db = server_settings(url, "django.db.backends.mysql", 3306, "root")
+    db["OPTIONS"] = {"charset": "utf8mb4"}
+    return db
+
+
+def postgres_settings(url: str) -> dict[str, Any]:
+    return server_settings(url, "django.db.backends.postgresql", 5432, "postgres")
 
 
 POSTGRES_URL = os.environ.get(
