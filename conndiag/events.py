@@ -163,7 +163,6 @@ class EventLog:
             outcome = "error"
         else:
             outcome = "ok"
-        close_at = getattr(q.db, "close_at", None)
         fields: dict[str, Any] = {
             "alias": state.alias,
             "vendor": state.vendor,
@@ -190,7 +189,7 @@ class EventLog:
             "connection_thread": state.opened_by.thread.name,
             "conn_max_age_state": state.conn_max_age_state,
             "conn_max_age_s": state.conn_max_age,
-            "recycle_in_s": None if close_at is None else _r(close_at - time.monotonic()),
+            "recycle_in_s": _r(state.recycle_in(q.db)),
             "health_checks": state.health_checks,
             "wait_timeout_s": state.wait_timeout,
         }

@@ -86,10 +86,6 @@ class RequestScope:
             rid = self._request_id = f"{random.getrandbits(128):032x}"
         return rid
 
-    @property
-    def live(self) -> bool:
-        return self.finished is None
-
     def attach(self, request: HttpRequest, header_meta_key: str | None) -> None:
         """Fill in what the middleware knows about the request."""
         self.method = request.method
