@@ -19,8 +19,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from . import process
 from . import scope as _scope
-from . import threads
 
 if TYPE_CHECKING:
     from .scope import RequestScope
@@ -41,7 +41,7 @@ def classify(state: ConnState | None, info: ThreadInfo) -> tuple[str, RequestSco
 
     ``state`` is None for a connection about to be opened (it cannot be forked yet).
     """
-    if state is not None and state.pid != threads._pid:
+    if state is not None and state.pid != process._pid:
         return FORKED, info.scope or _current_scope()
     if info.allow_depth:
         return BACKGROUND, None

@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Any
 
-from . import threads
+from . import process
 from .records import Diagnosis
 
 if TYPE_CHECKING:
@@ -116,9 +116,9 @@ def likely_cause(
     ``state`` is None for a failed connect; ``facts`` are the server facts last learned
     for the alias (``max_connections``), if any.
     """
-    if state is not None and state.pid != threads.pid():
+    if state is not None and state.pid != process.pid():
         return (
-            f"connection opened by process {state.pid}, used by {threads.pid()} "
+            f"connection opened by process {state.pid}, used by {process.pid()} "
             "(inherited across fork)"
         )
     if error_class in CONNECTION_BROKEN and state is not None:
@@ -194,5 +194,5 @@ def _facts_for(alias: str | None) -> dict[str, Any] | None:
 
     if alias is not None:
         return serverfacts.cached_facts(alias)
-    known = [facts for (_, pid), (_, facts) in serverfacts._cache.items() if pid == threads.pid()]
+    known = [facts for (_, pid), (_, facts) in serverfacts._cache.items() if pid == process.pid()]
     return known[0] if len(known) == 1 else None

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from . import threads
+from . import process
 from .policy import explain
 from .records import ACTION_LABELS
 
@@ -76,7 +76,7 @@ def thread_fields(info: ThreadInfo) -> dict[str, Any]:
         "thread_name": info.name,
         "thread_ident": info.ident,
         "thread_native_id": info.native_id,
-        "pid": threads.pid(),
+        "pid": process.pid(),
     }
 
 
@@ -175,7 +175,7 @@ class EventLog:
             "thread_name": info.thread.name,
             "thread_ident": info.ident,
             "thread_native_id": info.native_id,
-            "pid": threads._pid,
+            "pid": process._pid,
             "request_id": None if rs is None else rs.request_id,
             "request_method": None if rs is None else rs.method,
             "request_path": None if rs is None else rs.path,

@@ -9,7 +9,7 @@ from django.db import connections
 from django.db.backends.signals import connection_created
 from django.test.signals import setting_changed
 
-from . import conf, runtime, scope, threads
+from . import conf, lifecycle, process, runtime, scope, threads
 from .lifecycle import install as install_on
 
 _UID = "conndiag"
@@ -38,7 +38,8 @@ def apply_thread_tracking() -> None:
 def install() -> None:
     """Install conndiag (called from ``AppConfig.ready()``; safe to call again)."""
     conf.get_config()  # a bad CONNDIAG setting fails here, at start-up, naming the key
-    threads.install_fork_hook()
+    process.on_fork(runtime.after_fork)
+    process.on_fork(lifecycle.after_fork)
     apply_thread_tracking()
     request_started.connect(scope.on_request_started, dispatch_uid=_UID + ".started")
     request_finished.connect(scope.on_request_finished, dispatch_uid=_UID + ".finished")

@@ -15,7 +15,7 @@ import weakref
 from collections import deque
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from . import runtime, serverfacts, threads
+from . import process, runtime, serverfacts, threads
 from .classify import classify
 from .diagnosis import diagnose
 from .policy import refusal
@@ -74,6 +74,7 @@ def _hook(db: BaseDatabaseWrapper, name: str, hook: Callable[..., Any]) -> None:
 
 
 def _connect(db: BaseDatabaseWrapper, original: Callable[[], None]) -> None:
+    process.check()
     if pending_abandoned:
         report_abandoned()
     rt = runtime.get()
@@ -158,7 +159,7 @@ def _close(db: BaseDatabaseWrapper, original: Callable[[], None]) -> None:
             reason = _obsolete_reason(db)
         except Exception:
             reason = "unusable"
-    if state is not None and state.pid != threads.pid():
+    if state is not None and state.pid != process.pid():
         # Inherited across fork(): closing would send COM_QUIT on the socket the parent
         # still uses, breaking its connection. Drop it here instead, without closing.
         discard_inherited(db)
@@ -257,7 +258,7 @@ def discard_inherited(db: BaseDatabaseWrapper) -> bool:
     uses, so the raw connection is kept referenced for the life of this process.
     """
     state: ConnState | None = db.__dict__.get(STATE_ATTR)
-    if db.connection is None or state is None or state.pid == threads.pid():
+    if db.connection is None or state is None or state.pid == process.pid():
         return False
     _inherited.append(db.connection)
     finalizer = db.__dict__.pop(_FINALIZER_ATTR, None)
@@ -271,3 +272,9 @@ def discard_inherited(db: BaseDatabaseWrapper) -> bool:
 _inherited: list[Any] = []
 #: states of connections garbage-collected without a close, not reported yet
 pending_abandoned: deque[ConnState] = deque()
+
+
+def after_fork() -> None:
+    """:func:`conndiag.process.on_fork` callback: the queue of abandoned connections is the
+    parent's (it reports them); the child starts with an empty one."""
+    pending_abandoned.clear()

@@ -31,7 +31,7 @@ import weakref
 from bisect import bisect_left
 from typing import TYPE_CHECKING, Any
 
-from . import threads
+from . import process
 from .conf import ACTIONS, CONTEXTS
 from .records import ACTION_LABELS
 
@@ -659,7 +659,7 @@ class MetricsRecorder:
         with m._lock:
             series = m.series(alias, vendor)
             self._publish_config(series, state)
-            if state.pid != threads.pid() or state in series.open:
+            if state.pid != process.pid() or state in series.open:
                 return
             series.open[state] = None
             series.open_gauge.inc()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from . import threads
+from . import process
 from .exceptions import ERRORS_BY_CONTEXT, UnsafeQueryError
 
 if TYPE_CHECKING:
@@ -78,7 +78,7 @@ def explain(
     """The plain-words account of a query in ``context`` (used in errors and warnings)."""
     where = (
         f"a query on database {alias!r} ({vendor}) from thread {info.describe()} "
-        f"in process {threads.pid()}"
+        f"in process {process.pid()}"
     )
     origin = f"started by request {rs.describe()}" if rs is not None else "of unknown origin"
     conn = describe_connection(state)
@@ -114,7 +114,7 @@ def refusal(
         thread_name=info.name,
         thread_ident=info.ident,
         thread_native_id=info.native_id,
-        pid=threads.pid(),
+        pid=process.pid(),
         request_id=rs.request_id if rs is not None else None,
         request_method=rs.method if rs is not None else None,
         request_path=rs.path if rs is not None else None,

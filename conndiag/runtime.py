@@ -88,6 +88,15 @@ def _rebuild() -> Runtime:
         return _runtime
 
 
+def after_fork() -> None:
+    """:func:`conndiag.process.on_fork` callback: new locks (a parent thread may have held one)."""
+    global _build_lock
+    _build_lock = threading.Lock()
+    rt = _runtime
+    if rt is not None:
+        rt._lock = threading.Lock()
+
+
 def reset(**kwargs: object) -> None:
     """Drop the runtime so the next query builds it from the current settings."""
     global _runtime

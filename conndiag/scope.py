@@ -16,7 +16,7 @@ import time
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
 
-from . import threads
+from . import process, threads
 
 if TYPE_CHECKING:
     from django.http import HttpRequest
@@ -135,6 +135,7 @@ def on_request_started(
     sender: object, environ: Any = None, scope: Any = None, **kwargs: Any
 ) -> None:
     """``request_started`` receiver: this thread now serves a request."""
+    process.check()
     info = threads.current()
     rs = RequestScope(info)
     info.scope = rs

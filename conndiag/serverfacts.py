@@ -22,7 +22,7 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Any
 
-from . import threads
+from . import process
 
 if TYPE_CHECKING:
     from django.db.backends.base.base import BaseDatabaseWrapper
@@ -116,7 +116,7 @@ def on_connect(db: BaseDatabaseWrapper, state: ConnState, rt: Runtime) -> None:
     mode = rt.config.server_facts
     if mode == "off" or db.vendor not in PROBED_VENDORS:
         return
-    key = (db.alias, threads.pid())
+    key = (db.alias, process.pid())
     if mode == "cached":
         hit = _cache.get(key)
         if hit is not None and time.monotonic() - hit[0] < rt.config.server_facts_ttl:
@@ -132,7 +132,7 @@ def on_connect(db: BaseDatabaseWrapper, state: ConnState, rt: Runtime) -> None:
 
 def cached_facts(alias: str) -> dict[str, Any] | None:
     """The last facts learned for ``alias`` in this process, if any."""
-    hit = _cache.get((alias, threads.pid()))
+    hit = _cache.get((alias, process.pid()))
     return None if hit is None else hit[1]
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Any
 
-from . import threads
+from . import process, threads
 
 if TYPE_CHECKING:
     from django.db.backends.base.base import BaseDatabaseWrapper
@@ -61,7 +61,7 @@ class ConnState:
         self.opened = time.perf_counter()
         self.opened_wall = time.time()
         self.opened_by = opened_by
-        self.pid = threads.pid()
+        self.pid = process.pid()
         self.context_opened = context
         self.conn_max_age: float | None = db.settings_dict.get("CONN_MAX_AGE", 0)
         self.health_checks = bool(db.settings_dict.get("CONN_HEALTH_CHECKS", False))

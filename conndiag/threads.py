@@ -10,7 +10,6 @@ which is how a later query on them is known to be ``detached``.
 from __future__ import annotations
 
 import functools
-import os
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -22,17 +21,6 @@ if TYPE_CHECKING:
 _T = TypeVar("_T")
 
 _local = threading.local()
-_pid = os.getpid()
-
-
-def pid() -> int:
-    """This process's id, kept current across ``os.fork()`` without a system call."""
-    return _pid
-
-
-def _after_fork_in_child() -> None:
-    global _pid
-    _pid = os.getpid()
 
 
 class ThreadInfo:
@@ -161,13 +149,3 @@ def uninstall_tracking() -> None:
         threading.Thread.start = _ORIGINAL_START  # type: ignore[method-assign]
         ThreadPoolExecutor.submit = _ORIGINAL_SUBMIT  # type: ignore[method-assign]
         _tracking = False
-
-
-_fork_hook_installed = False
-
-
-def install_fork_hook() -> None:
-    global _fork_hook_installed
-    if not _fork_hook_installed:
-        os.register_at_fork(after_in_child=_after_fork_in_child)
-        _fork_hook_installed = True

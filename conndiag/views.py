@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 from django.http import Http404, HttpResponse
 from django.views.decorators.http import require_safe
 
+from . import process
 from .conf import get_config
 from .metrics import flush, multiprocess_dir
 
@@ -97,6 +98,7 @@ def metrics(request: HttpRequest) -> HttpResponse:
     denied = check_access(request, config)
     if denied is not None:
         return denied
+    process.check()  # a worker's first scrape may come before its first query
     flush()  # this process's pending query numbers, so the scrape is exact here
     if multiprocess_dir():
         from prometheus_client.multiprocess import MultiProcessCollector

@@ -11,7 +11,7 @@ from __future__ import annotations
 from time import perf_counter
 from typing import TYPE_CHECKING, Any
 
-from . import runtime, stale, threads
+from . import process, runtime, stale, threads
 from .classify import classify
 from .diagnosis import CONNECTION_BROKEN, diagnose
 from .lifecycle import pending_abandoned, report_abandoned
@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
 _current_thread = threads.current
+_getpid = process._getpid
 
 
 class ExecuteWrapper:
@@ -46,6 +47,8 @@ class ExecuteWrapper:
         if state is None or state.connecting:
             # Not a connection conndiag saw open, or init_connection_state() queries.
             return execute(sql, params, many, context)
+        if _getpid() != process._pid:
+            process.check()  # first entry point in a new process: run the on_fork callbacks
         if pending_abandoned:
             report_abandoned()
         rt = runtime._runtime or runtime.get()

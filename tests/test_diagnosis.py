@@ -27,7 +27,7 @@ from django.db.backends.mysql.base import DatabaseWrapper
 from django.http import HttpRequest, HttpResponse
 from django.urls import path
 
-from conndiag import lifecycle, serverfacts, threads
+from conndiag import lifecycle, process, serverfacts
 from conndiag.diagnosis import (
     ERROR_CLASSES,
     KNOWN_CODES,
@@ -446,4 +446,4 @@ def test_diagnose_is_total() -> None:
     """``diagnose`` works with nothing known (no state, no thread) and bounds the code label."""
     diagnosis = diagnose(MySQLdb.OperationalError(9999, "?"), None)
     assert (diagnosis.error_class, diagnosis.code) == ("other", "other")
-    assert threads.pid() == os.getpid()
+    assert process.pid() == os.getpid()

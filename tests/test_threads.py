@@ -72,10 +72,3 @@ def test_tracking_can_be_removed_and_restored():
     finally:
         threads.install_tracking()
     assert threading.Thread.start is not threads._ORIGINAL_START
-
-
-def test_pid_is_kept_current():
-    """pid() is this process's id (updated after fork by the registered hook)."""
-    import os
-
-    assert threads.pid() == os.getpid()
