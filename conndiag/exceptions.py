@@ -1,6 +1,32 @@
-"""conndiag's exceptions. They share :class:`ConnDiagError` and carry the facts as attributes."""
+"""conndiag's exceptions. They share :class:`ConnDiagError` and carry the facts as attributes.
+
+Every one pickles with its message and attributes (Django's parallel test runner,
+``multiprocessing`` and Celery result backends send exceptions between processes): the
+keyword-only facts are restored by :meth:`UnsafeQueryError.__reduce__`.
+"""
 
 from __future__ import annotations
+
+from typing import Any
+
+#: the facts every :class:`UnsafeQueryError` carries, in ``__init__`` order
+FACTS = (
+    "context",
+    "alias",
+    "vendor",
+    "thread_name",
+    "thread_ident",
+    "thread_native_id",
+    "pid",
+    "request_id",
+    "request_method",
+    "request_path",
+    "view",
+    "request_returned_ago",
+    "connection_id",
+    "connection_age",
+    "connection_opened_by_pid",
+)
 
 
 class ConnDiagError(Exception):
@@ -54,6 +80,11 @@ class UnsafeQueryError(ConnDiagError):
         self.connection_age = connection_age
         self.connection_opened_by_pid = connection_opened_by_pid
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # BaseException pickles as cls(*args), which loses the keyword-only facts.
+        facts = {name: getattr(self, name) for name in FACTS}
+        return (_rebuild, (type(self), str(self), facts), self.__dict__)
+
 
 class DetachedQueryError(UnsafeQueryError):
     """ORM work that originated in a request ran outside that request's thread."""
@@ -73,6 +104,11 @@ class RequestQueryError(UnsafeQueryError):
 
 class BackgroundQueryError(UnsafeQueryError):
     """A background query, refused because the policy says so."""
+
+
+def _rebuild(cls: type[UnsafeQueryError], message: str, facts: dict[str, Any]) -> UnsafeQueryError:
+    """Unpickle an :class:`UnsafeQueryError` (module level, so pickle can find it)."""
+    return cls(message, **facts)
 
 
 ERRORS_BY_CONTEXT: dict[str, type[UnsafeQueryError]] = {
