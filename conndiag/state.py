@@ -96,11 +96,19 @@ class ConnState:
         return conn_max_age_state(self.conn_max_age)
 
     def recycle_in(self, db: BaseDatabaseWrapper) -> float | None:
-        """Seconds before Django's ``close_at`` passes (None: never, or not known)."""
+        """Seconds before Django's ``close_at`` passes, ``0.0`` once it has (Django closes it
+        at the next request boundary on its thread).
+
+        None: never (``CONN_MAX_AGE=None``), per request (``CONN_MAX_AGE=0``: Django's
+        ``close_at`` is already past at connect, the connection is closed when the request
+        ends, not after a time), or not known.
+        """
+        if not self.conn_max_age:
+            return None
         close_at = getattr(db, "close_at", None)
         if close_at is None:
             return None
-        return float(close_at - time.monotonic())
+        return max(0.0, float(close_at - time.monotonic()))
 
 
 def server_connection_id(raw: Any) -> int | None:
