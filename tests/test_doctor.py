@@ -238,3 +238,22 @@ def test_live_picture_warns_near_max_connections() -> None:
     picture = live_picture(text, now=1060.0)
     assert picture["aliases"]["mysql"]["open"]["oldest_age_s"] == 60.0
     assert picture["findings"] == ["mysql: 130 connections open of max_connections=151"]
+
+
+def test_effective_config_shows_every_setting_key():
+    """The doctor's settings section names every CONNDIAG key (SQL_MAX_LENGTH and
+    LOGGER_NAME included), with its effective value, and never the token itself."""
+    from django.test import override_settings
+
+    from conndiag import conf
+    from conndiag.management.commands.conndiag import effective_config
+
+    with override_settings(
+        CONNDIAG={"SQL_MAX_LENGTH": 200, "LOGGER_NAME": "app.db", "METRICS_TOKEN": "s3cret"}
+    ):
+        shown = effective_config()
+    assert set(shown) == set(conf._KEYS)
+    assert shown["SQL_MAX_LENGTH"] == 200
+    assert shown["LOGGER_NAME"] == "app.db"
+    assert shown["METRICS_TOKEN"] == "(set)"
+    assert "s3cret" not in json.dumps(shown, default=str)

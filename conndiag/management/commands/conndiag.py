@@ -42,26 +42,22 @@ def _message(message: CheckMessage) -> dict[str, Any]:
 
 
 def effective_config() -> dict[str, Any]:
-    """The parsed ``CONNDIAG`` setting with every default filled in (the token never shown)."""
+    """The parsed ``CONNDIAG`` setting with every default filled in (the token never shown).
+
+    Built from the setting's own key table, so a new key cannot be missing here.
+    """
     config = conf.get_config()
-    return {
-        "POLICY": dict(config.policy),
-        "REQUEST_ID_HEADER": config.request_id_header,
-        "TRACK_THREADS": config.track_threads,
-        "LOG_QUERIES": config.log_queries,
-        "QUERY_LOG_LEVEL": config.query_log_level,
-        "QUERY_LOG_SAMPLE_RATE": config.query_log_sample_rate,
-        "LOG_SQL": config.log_sql,
-        "LOG_SQL_PARAMS": config.log_sql_params,
-        "METRICS": config.metrics,
-        "METRICS_TOKEN": "(set)" if config.metrics_token else None,
-        "METRICS_ALLOWED_IPS": [str(n) for n in config.metrics_allowed_ips],
-        "SERVER_FACTS": config.server_facts,
-        "SERVER_FACTS_TTL": config.server_facts_ttl,
-        "REPLACE_STALE": config.replace_stale,
-        "STALE_MARGIN": config.stale_margin,
-        "EXPECTED_CONNECTIONS": config.expected_connections,
-    }
+    shown: dict[str, Any] = {}
+    for key, (attr, _) in conf._KEYS.items():
+        value = getattr(config, attr)
+        if key == "METRICS_TOKEN":
+            value = "(set)" if value else None
+        elif key == "POLICY":
+            value = dict(value)
+        elif key == "METRICS_ALLOWED_IPS":
+            value = [str(n) for n in value]
+        shown[key] = value
+    return shown
 
 
 def database_settings(alias: str) -> dict[str, Any]:
