@@ -15,12 +15,13 @@ closed before they return; Django runs them with ``check --database ALIAS`` and 
 | W004 | static | persistent connections (``CONN_MAX_AGE`` not 0) under ASGI |
 | E002 | static | ``PROMETHEUS_MULTIPROC_DIR`` set but missing or not writable |
 | E003 | database | the server cannot be reached to read its facts |
-| W005 | database | ``CONN_MAX_AGE`` >= the server's ``wait_timeout``, health checks off |
+| W005 | database | ``CONN_MAX_AGE`` None or >= the server's ``wait_timeout``, health checks off |
 | W006 | database | ``max_connections`` below the connections the deployment may open |
 """
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -84,10 +85,23 @@ def check_middleware(app_configs: Any = None, **kwargs: Any) -> list[CheckMessag
     return []
 
 
+@functools.cache
+def _vendor(engine: str) -> str | None:
+    """The vendor of backend ``engine`` (``sqlite`` for SpatiaLite too), None if it cannot
+    be loaded (Django itself reports that)."""
+    from django.db.utils import load_backend
+
+    try:
+        return str(load_backend(engine).DatabaseWrapper.vendor)
+    except Exception:
+        return None
+
+
 def _server_databases() -> Iterable[tuple[str, Mapping[str, Any]]]:
-    """``(alias, settings)`` of every configured database that has a server (not SQLite)."""
+    """``(alias, settings)`` of every configured database that has a server (not the SQLite
+    family, recognised by the backend's vendor, not by its ENGINE path)."""
     for alias, db in (getattr(settings, "DATABASES", None) or {}).items():
-        if "sqlite3" not in str(db.get("ENGINE", "")):
+        if _vendor(str(db.get("ENGINE", ""))) != "sqlite":
             yield alias, db
 
 
@@ -268,10 +282,11 @@ def database_report(alias: str) -> tuple[dict[str, Any] | None, list[CheckMessag
     wait_timeout = facts.get("wait_timeout_s")
     max_age = db.settings_dict.get("CONN_MAX_AGE", 0)
     health = bool(db.settings_dict.get("CONN_HEALTH_CHECKS", False))
-    if wait_timeout and max_age and not health and max_age >= wait_timeout:
+    if wait_timeout and not health and (max_age is None or (max_age and max_age >= wait_timeout)):
+        kept = "None (kept forever)" if max_age is None else f"{max_age:g} s"
         messages.append(
             Warning(
-                f"DATABASES[{alias!r}]['CONN_MAX_AGE'] = {max_age:g} s is not below the "
+                f"DATABASES[{alias!r}]['CONN_MAX_AGE'] = {kept} is not below the "
                 f"server's wait_timeout ({wait_timeout:g} s) and health checks are off: a "
                 "connection idle longer than wait_timeout is dropped by the server and then "
                 "reused by Django, failing with 'server has gone away'.",

@@ -120,6 +120,14 @@ def test_w003_quiet_with_health_checks_or_finite_age(databases: dict[str, Any]) 
     assert checks.check_persistent_without_health_checks() == []
 
 
+def test_sqlite_family_is_known_by_vendor_not_engine_path(databases: dict[str, Any]) -> None:
+    """A SQLite-based backend whose ENGINE lacks "sqlite3" (SpatiaLite's is
+    ``django.contrib.gis.db.backends.spatialite``) has no server: W003 stays quiet for it."""
+    databases["geo"] = {"ENGINE": "tests.spatialite_like", "NAME": ":memory:", "CONN_MAX_AGE": None}
+    assert checks.check_persistent_without_health_checks() == []
+    assert [alias for alias, _ in checks._server_databases()] == ["main"]
+
+
 # --- W004 ---------------------------------------------------------------------------------
 
 
@@ -232,6 +240,20 @@ def test_w005_conn_max_age_not_below_wait_timeout(mysql_db: dict[str, Any]) -> N
     assert message.id == "conndiag.W005"
     assert "wait_timeout (5 s)" in message.msg
     assert connections["mysql"].connection is before
+
+
+@MYSQL_DB
+def test_w005_persistent_connections_name_the_wait_timeout(mysql_db: dict[str, Any]) -> None:
+    """conndiag.W005 fires for CONN_MAX_AGE=None (kept forever) without health checks, with
+    the wait_timeout the check just read from the server."""
+    mysql_db.update(CONN_MAX_AGE=None, CONN_HEALTH_CHECKS=False)
+    (message,) = checks.check_database(databases=["mysql"])
+    assert message.id == "conndiag.W005"
+    assert "CONN_MAX_AGE'] = None" in message.msg
+    assert "wait_timeout (5 s)" in message.msg
+    assert "below 5" in message.hint
+    mysql_db.update(CONN_HEALTH_CHECKS=True)
+    assert checks.check_database(databases=["mysql"]) == []
 
 
 @MYSQL_DB
