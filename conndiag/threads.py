@@ -81,23 +81,27 @@ def current() -> ThreadInfo:
 
 # --- thread and executor tracking ---------------------------------------------------------
 
-_ORIGINAL_START = threading.Thread.start
-_ORIGINAL_SUBMIT = ThreadPoolExecutor.submit
+#: what ``Thread.start`` / ``submit`` were when conndiag hooked them (its hooks call these)
+_wrapped_start: Callable[[threading.Thread], None] = threading.Thread.start
+_wrapped_submit: Callable[..., Any] = ThreadPoolExecutor.submit
+_hooked = False
+#: whether the hooks record origins; off, they only pass the call on
 _tracking = False
 
 
 def _start(self: threading.Thread) -> None:
-    info = current()
-    if not info.in_submit:
-        origin = info.handed_off_origin()
-        if origin is None:
-            # A thread started from async code: the request lives in the context.
-            from .scope import current_scope
+    if _tracking:
+        info = current()
+        if not info.in_submit:
+            origin = info.handed_off_origin()
+            if origin is None:
+                # A thread started from async code: the request lives in the context.
+                from .scope import current_scope
 
-            origin = current_scope()
-        if origin is not None:
-            self._conndiag_origin = origin  # type: ignore[attr-defined]
-    _ORIGINAL_START(self)
+                origin = current_scope()
+            if origin is not None:
+                self._conndiag_origin = origin  # type: ignore[attr-defined]
+    _wrapped_start(self)
 
 
 class _TaskWithOrigin:
@@ -120,6 +124,8 @@ class _TaskWithOrigin:
 
 
 def _submit(self: ThreadPoolExecutor, fn: Callable[..., _T], /, *args: Any, **kwargs: Any) -> Any:
+    if not _tracking:
+        return _wrapped_submit(self, fn, *args, **kwargs)
     info = current()
     # Only the *thread-local* request counts here: work submitted from an event loop by
     # sync_to_async or asyncio.to_thread carries the request in its context instead, and
@@ -128,24 +134,31 @@ def _submit(self: ThreadPoolExecutor, fn: Callable[..., _T], /, *args: Any, **kw
     task: Callable[..., Any] = fn if origin is None else _TaskWithOrigin(fn, origin)
     info.in_submit += 1
     try:
-        return _ORIGINAL_SUBMIT(self, task, *args, **kwargs)
+        return _wrapped_submit(self, task, *args, **kwargs)
     finally:
         info.in_submit -= 1
 
 
 def install_tracking() -> None:
-    """Hook ``Thread.start`` and ``ThreadPoolExecutor.submit`` (idempotent)."""
-    global _tracking
-    if not _tracking:
-        threading.Thread.start = functools.wraps(_ORIGINAL_START)(_start)  # type: ignore[method-assign]
-        ThreadPoolExecutor.submit = functools.wraps(_ORIGINAL_SUBMIT)(_submit)  # type: ignore[method-assign,assignment,arg-type]
-        _tracking = True
+    """Hook ``Thread.start`` and ``ThreadPoolExecutor.submit`` and turn tracking on
+    (idempotent).
+
+    The hooks are installed once and never removed: a library that patched these methods
+    after conndiag (sentry-sdk, OpenTelemetry's threading instrumentation) wraps conndiag's
+    hook, and restoring the methods captured earlier would wipe its patch.
+    """
+    global _hooked, _tracking, _wrapped_start, _wrapped_submit
+    if not _hooked:
+        _wrapped_start = threading.Thread.start
+        _wrapped_submit = ThreadPoolExecutor.submit
+        threading.Thread.start = functools.wraps(_wrapped_start)(_start)  # type: ignore[method-assign]
+        ThreadPoolExecutor.submit = functools.wraps(_wrapped_submit)(_submit)  # type: ignore[method-assign,assignment,arg-type]
+        _hooked = True
+    _tracking = True
 
 
 def uninstall_tracking() -> None:
-    """Undo :func:`install_tracking` (when ``TRACK_THREADS`` is turned off)."""
+    """Turn tracking off (``TRACK_THREADS = False``): the hooks stay in place, inert (they
+    only call what they wrapped), so patches installed after conndiag's are kept."""
     global _tracking
-    if _tracking:
-        threading.Thread.start = _ORIGINAL_START  # type: ignore[method-assign]
-        ThreadPoolExecutor.submit = _ORIGINAL_SUBMIT  # type: ignore[method-assign]
-        _tracking = False
+    _tracking = False

@@ -63,12 +63,53 @@ def test_escape_hatch_hands_off_no_origin():
         me.allow_depth = 0
 
 
-def test_tracking_can_be_removed_and_restored():
-    """uninstall_tracking restores the stdlib methods; install_tracking hooks them again."""
-    threads.uninstall_tracking()
+def _origin_of_a_thread_started_now() -> object:
+    seen: list[object] = []
+    t = threading.Thread(target=lambda: seen.append(threads.current().origin))
+    t.start()
+    t.join()
+    return seen[0]
+
+
+def _task_origin_of_a_task_submitted_now() -> object:
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(lambda: threads.current().task_origin).result()
+
+
+def test_uninstall_keeps_patches_installed_after_ours():
+    """A library that patches Thread.start / submit after conndiag (sentry-sdk's and
+    OpenTelemetry's threading integrations do) keeps its patch when tracking is turned off;
+    conndiag's hook stays in the chain but inert, and turning tracking on again revives it."""
+    threads.install_tracking()
+    ours_start, ours_submit = threading.Thread.start, ThreadPoolExecutor.submit
+    calls: list[str] = []
+
+    def later_start(self: threading.Thread) -> None:
+        calls.append("start")
+        ours_start(self)
+
+    def later_submit(self: ThreadPoolExecutor, fn, /, *args, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append("submit")
+        return ours_submit(self, fn, *args, **kwargs)
+
+    threading.Thread.start = later_start  # type: ignore[method-assign]
+    ThreadPoolExecutor.submit = later_submit  # type: ignore[method-assign]
+    me = threads.current()
+    rs = RequestScope(me)
     try:
-        assert threading.Thread.start is threads._ORIGINAL_START
-        assert ThreadPoolExecutor.submit is threads._ORIGINAL_SUBMIT
-    finally:
+        threads.uninstall_tracking()
+        assert threading.Thread.start is later_start
+        assert ThreadPoolExecutor.submit is later_submit
+        me.scope = rs
+        assert _origin_of_a_thread_started_now() is None  # inert: no origin recorded
+        assert _task_origin_of_a_task_submitted_now() is None
+        assert calls.count("start") >= 1 and calls.count("submit") == 1
         threads.install_tracking()
-    assert threading.Thread.start is not threads._ORIGINAL_START
+        assert threading.Thread.start is later_start  # not wrapped a second time
+        assert _origin_of_a_thread_started_now() is rs
+        assert _task_origin_of_a_task_submitted_now() is rs
+    finally:
+        me.scope = None
+        threading.Thread.start = ours_start  # type: ignore[method-assign]
+        ThreadPoolExecutor.submit = ours_submit  # type: ignore[method-assign]
+        threads.install_tracking()
