@@ -9,6 +9,7 @@ which is how a later query on them is known to be ``detached``.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import threading
 from collections.abc import Callable
@@ -127,10 +128,13 @@ def _submit(self: ThreadPoolExecutor, fn: Callable[..., _T], /, *args: Any, **kw
     if not _tracking:
         return _wrapped_submit(self, fn, *args, **kwargs)
     info = current()
-    # Only the *thread-local* request counts here: work submitted from an event loop by
-    # sync_to_async or asyncio.to_thread carries the request in its context instead, and
-    # is awaited by the request (``request`` or ``cross_thread``, not ``detached``).
-    origin = info.handed_off_origin()
+    # Only the *thread-local* request counts here, and only from a thread that runs no
+    # event loop: work submitted from an event loop (sync_to_async(thread_sensitive=False),
+    # asyncio.to_thread) is awaited by the request and carries it in its context instead
+    # (``cross_thread`` while it is live, ``detached`` once it returned). That includes the
+    # loop thread async_to_sync starts for a sync view: its own task came from the request
+    # thread, but what it hands to an executor the request awaits.
+    origin = None if asyncio._get_running_loop() is not None else info.handed_off_origin()
     task: Callable[..., Any] = fn if origin is None else _TaskWithOrigin(fn, origin)
     info.in_submit += 1
     try:

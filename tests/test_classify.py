@@ -155,6 +155,41 @@ def test_asyncio_to_thread_is_cross_thread_and_only_logged(alias, events):
     assert flagged and {e["context"] for e in flagged} == {"cross_thread"}
 
 
+def test_sync_view_awaiting_to_thread_work_is_cross_thread_not_detached(alias, events):
+    """A WSGI view awaiting ORM work through ``async_to_sync`` + ``asyncio.to_thread`` (or
+    ``sync_to_async(thread_sensitive=False)``) runs it: the request waits for it, so it is
+    ``cross_thread`` (logged), never refused as ``detached`` (HTTP 500 before)."""
+    assert wsgi_json("/sync-awaits-to-thread/", f"db={alias}") == {"threads": ["ok", "ok"]}
+    assert not of(events, "conndiag.query.refused")
+    flagged = of(events, "conndiag.query.flagged")
+    assert len(flagged) == 2
+    assert {e["context"] for e in flagged} == {"cross_thread"}
+    assert {e["request_path"] for e in flagged} == {"/sync-awaits-to-thread/"}
+    assert Item.objects.using(alias).count() == 2
+
+
+def test_thread_started_from_async_to_sync_code_is_still_detached(alias, events):
+    """A plain thread started by the async code of a WSGI view (nothing awaits it) is still
+    ``detached``: only awaited executor work is let through."""
+    from asgiref.sync import async_to_sync as a2s
+
+    from tests.testapp import views
+
+    outcome: list[str] = []
+
+    async def start_thread() -> None:
+        t = threading.Thread(target=lambda: outcome.append(views._write(alias)))
+        t.start()
+        t.join()
+
+    views.START_HOOK = a2s(start_thread)
+    try:
+        wsgi_get("/nothing/")
+    finally:
+        views.START_HOOK = None
+    assert outcome == ["refused:detached"]
+
+
 def test_management_command_and_migrations_are_background(events):
     """Management commands (here ``migrate``, which queries) are ``background``."""
     call_command("migrate", verbosity=0, database="default")

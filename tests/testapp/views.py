@@ -11,7 +11,7 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
-from asgiref.sync import sync_to_async
+from asgiref.sync import async_to_sync, sync_to_async
 from django.http import HttpRequest, HttpResponse, JsonResponse
 
 import conndiag
@@ -79,6 +79,20 @@ async def async_view(request: HttpRequest) -> HttpResponse:
 
 async def async_to_thread_view(request: HttpRequest) -> HttpResponse:
     return JsonResponse({"thread": await asyncio.to_thread(_write, _alias(request))})
+
+
+def sync_awaits_to_thread_view(request: HttpRequest) -> HttpResponse:
+    """A sync view awaiting ORM work run by ``asyncio.to_thread`` and by
+    ``sync_to_async(thread_sensitive=False)``, through ``async_to_sync``."""
+    alias = _alias(request)
+
+    async def work() -> list[str]:
+        return [
+            await asyncio.to_thread(_write, alias),
+            await sync_to_async(_write, thread_sensitive=False)(alias),
+        ]
+
+    return JsonResponse({"threads": async_to_sync(work)()})
 
 
 def nothing_view(request: HttpRequest) -> HttpResponse:
