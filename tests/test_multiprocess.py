@@ -12,38 +12,23 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
-import sys
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
-from django.conf import settings
+
+from tests import servers
+from tests.servers import ROOT, children, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.mysql]
 
-ROOT = Path(__file__).resolve().parent.parent
 DB_NAME = "conndiag_mp" + os.environ.get("CONNDIAG_TEST_DB_SUFFIX", "")
 REQUESTS = 40
-T = TypeVar("T")
-
-
-def _server() -> Any:
-    import MySQLdb
-
-    db = settings.DATABASES["mysql"]
-    return MySQLdb.connect(
-        host=db["HOST"],
-        port=int(db["PORT"]),
-        user=db["USER"],
-        password=db["PASSWORD"],
-        autocommit=True,
-    )
 
 
 def _processlist_count(admin: Any) -> int:
@@ -51,12 +36,6 @@ def _processlist_count(admin: Any) -> int:
     with admin.cursor() as cursor:
         cursor.execute("SHOW FULL PROCESSLIST")
         return sum(1 for row in cursor.fetchall() if row[3] == DB_NAME)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _get(url: str) -> bytes:
@@ -74,104 +53,31 @@ def _sample(text: str, name: str, **labels: str) -> float | None:
     return None
 
 
-def _wait_for(
-    what: str, probe: Callable[[], T], ok: Callable[[T], bool], timeout: float = 20.0
-) -> T:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = probe()
-        if ok(value):
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout} s waiting for {what}; last: {value!r}")
-        time.sleep(0.2)
-
-
-def _workers(master: int) -> set[int]:
-    children = Path(f"/proc/{master}/task/{master}/children").read_text().split()
-    return {int(pid) for pid in children}
-
-
 @pytest.fixture
 def database() -> Iterator[Any]:
-    admin = _server()
-    with admin.cursor() as cursor:
-        cursor.execute(f"DROP DATABASE IF EXISTS `{DB_NAME}`")
-        cursor.execute(f"CREATE DATABASE `{DB_NAME}`")
-        cursor.execute(
-            f"CREATE TABLE `{DB_NAME}`.testapp_item "
-            "(id INT AUTO_INCREMENT PRIMARY KEY, name VARCHAR(100) NOT NULL)"
-        )
-    try:
+    """The site's own MariaDB database (created empty, dropped after); yields an admin
+    connection."""
+    with servers.mysql_site_database(DB_NAME) as admin:
         yield admin
-    finally:
-        with admin.cursor() as cursor:
-            cursor.execute(f"DROP DATABASE IF EXISTS `{DB_NAME}`")
-        admin.close()
 
 
 @pytest.fixture
 def gunicorn(tmp_path: Path, database: Any) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
-    port = _free_port()
+    """gunicorn, 3 gthread workers x 2 threads, multi-process metrics, child_exit hook."""
     mp_dir = tmp_path / "prometheus"
     mp_dir.mkdir()
-    db = settings.DATABASES["mysql"]
-    env = {
-        **os.environ,
-        "DJANGO_SETTINGS_MODULE": "tests.multiproc.settings",
-        "PROMETHEUS_MULTIPROC_DIR": str(mp_dir),
-        "CONNDIAG_MP_DB": DB_NAME,
-        "CONNDIAG_TEST_MYSQL_URL": f"mysql://{db['USER']}:{db['PASSWORD']}@{db['HOST']}:"
-        f"{db['PORT']}/{DB_NAME}",
-        "PYTHONPATH": str(ROOT),
-    }
-    log = (tmp_path / "gunicorn.log").open("wb")
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "gunicorn",
-            "tests.multiproc.wsgi:application",
-            "--config",
-            str(ROOT / "tests/multiproc/gunicorn_conf.py"),
-            "--workers",
-            "3",
-            "--worker-class",
-            "gthread",
-            "--threads",
-            "2",
-            "--bind",
-            f"127.0.0.1:{port}",
-            "--graceful-timeout",
-            "5",
-        ],
-        cwd=ROOT,
+    env = {**servers.mysql_site_env(DB_NAME), "PROMETHEUS_MULTIPROC_DIR": str(mp_dir)}
+    with servers.running(
+        "gunicorn",
+        "tests.multiproc.wsgi:application",
+        tmp_path,
+        processes=3,
+        threads=2,
         env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-
-        def ready() -> bool:
-            if proc.poll() is not None:
-                pytest.fail("gunicorn exited: " + (tmp_path / "gunicorn.log").read_text())
-            try:
-                _get(base + "/metrics")
-            except OSError:
-                return False
-            return len(_workers(proc.pid)) == 3
-
-        _wait_for("gunicorn to serve with 3 workers", ready, bool, timeout=30)
-        yield base, proc
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
-        log.close()
+        extra_args=["--config", str(ROOT / "tests/multiproc/gunicorn_conf.py")],
+        ready_path="/metrics",
+    ) as server:
+        yield server.base, server.proc
 
 
 def test_counters_and_open_gauge_across_gunicorn_workers(
@@ -194,7 +100,7 @@ def test_counters_and_open_gauge_across_gunicorn_workers(
 
     labels = {"alias": "default", "vendor": "mysql"}
     queries = {**labels, "context": "request", "action": "observed"}
-    text = _wait_for(
+    text = wait_for(
         f"conndiag_queries_total == {REQUESTS}",
         scrape,
         lambda t: _sample(t, "conndiag_queries_total", **queries) == REQUESTS,
@@ -213,16 +119,16 @@ def test_counters_and_open_gauge_across_gunicorn_workers(
     assert processes >= 1
     assert open_before == processes
 
-    victim = next(pid for pid in served_by if pid in _workers(proc.pid))
+    victim = next(pid for pid in served_by if pid in children(proc.pid))
     os.kill(victim, signal.SIGKILL)
 
     def after_kill() -> tuple[float, int, set[int]]:
         text = scrape()
         # no sample at all when no live worker has an open connection any more
         gauge = _sample(text, "conndiag_connections_open", **labels) or 0.0
-        return gauge, _processlist_count(database), _workers(proc.pid)
+        return gauge, _processlist_count(database), children(proc.pid)
 
-    gauge, processes_after, workers = _wait_for(
+    gauge, processes_after, workers = wait_for(
         "the killed worker's connections to leave the gauge and the process list",
         after_kill,
         lambda v: v[0] == v[1] and v[1] < processes and victim not in v[2] and len(v[2]) == 3,
