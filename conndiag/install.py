@@ -10,7 +10,11 @@ from django.db.backends.signals import connection_created
 from django.test.signals import setting_changed
 
 from . import conf, lifecycle, process, runtime, scope, threads
-from .lifecycle import install as install_on
+from .contain import guard
+from .lifecycle import install as _install_on
+
+#: contained: a failure leaves that connection unobserved, never unusable
+install_on = guard("lifecycle.install")(_install_on)
 
 _UID = "conndiag"
 _HANDLER_ATTR = "_conndiag_create_connection"

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 from . import process, runtime, serverfacts, threads
 from .classify import classify
+from .contain import guard
 from .diagnosis import diagnose
 from .policy import refusal
 from .records import Query
@@ -74,6 +75,27 @@ def _hook(db: BaseDatabaseWrapper, name: str, hook: Callable[..., Any]) -> None:
 
 
 def _connect(db: BaseDatabaseWrapper, original: Callable[[], None]) -> None:
+    # The previous connection's state is over; until _opening() says otherwise (it may
+    # fail, contained), queries on this wrapper are not attributed to any state.
+    db.__dict__[STATE_ATTR] = None
+    opening = _opening(db)
+    try:
+        original()
+    except Exception as exc:
+        if opening is not None:
+            _connect_failed(db, opening, exc)
+        raise
+    if opening is not None:
+        _opened(db, opening)
+        serverfacts_on_connect(db, opening[0], opening[3])
+
+
+_Opening = tuple[ConnState, threads.ThreadInfo, str, "runtime.Runtime"]
+
+
+@guard("lifecycle.connect")
+def _opening(db: BaseDatabaseWrapper) -> _Opening | None:
+    """Before a connect: classify it, and refuse it when the context's policy is ``raise``."""
     process.check()
     if pending_abandoned:
         report_abandoned()
@@ -85,39 +107,48 @@ def _connect(db: BaseDatabaseWrapper, original: Callable[[], None]) -> None:
         # Refuse before even opening a connection: a detached thread would never close it.
         _refuse_connect(db, state, info, context, rs, rt)
     db.__dict__[STATE_ATTR] = state
+    return state, info, context, rt
+
+
+@guard("lifecycle.connect_failed")
+def _connect_failed(db: BaseDatabaseWrapper, opening: _Opening, exc: Exception) -> None:
+    state, info, context, rt = opening
+    state.connecting = False
+    state.closed = True
+    state.close_reason = "connect_failed"
+    duration = time.perf_counter() - state.opened
+    diagnosis = diagnose(exc, None, info, context)
+    rt.emit("connect_failed", db.alias, db.vendor, info, context, duration, diagnosis)
+
+
+@guard("lifecycle.connect")
+def _opened(db: BaseDatabaseWrapper, opening: _Opening) -> None:
+    """After a connect: the connection's state, its finalizer, the ``opened`` records."""
+    state, info, _, rt = opening
+    state.connecting = False  # first: whatever fails below, its queries are seen
+    state.connected(db)
+    db.__dict__[_FINALIZER_ATTR] = _watch(db, state)
+    rt.emit("connection_opened", state, info)
+
+
+serverfacts_on_connect = guard("serverfacts.on_connect")(serverfacts.on_connect)
+
+
+def _watch(db: BaseDatabaseWrapper, state: ConnState) -> weakref.finalize[Any, Any]:
+    """Report ``state`` as ``abandoned`` if its connection dies without a close.
+
+    The raw driver connection is watched where the driver allows weak references
+    (mysqlclient, psycopg); otherwise (``sqlite3.Connection``) the DatabaseWrapper, which
+    dies with its thread's connections (at the next garbage collection: it sits in reference
+    cycles) and takes the raw connection with it. Either way the state, and the thread and
+    request it references, are released then, whatever the driver.
+    """
     try:
-        original()
-    except Exception as exc:
-        state.connecting = False
-        state.closed = True
-        state.close_reason = "connect_failed"
-        duration = time.perf_counter() - state.opened
-        try:
-            rt.emit(
-                "connect_failed",
-                db.alias,
-                db.vendor,
-                info,
-                context,
-                duration,
-                diagnose(exc, None, info, context),
-            )
-        except Exception as internal:
-            rt.internal_error("lifecycle.connect_failed", internal)
-        raise
-    try:
-        state.connected(db)
-        try:
-            finalizer = weakref.finalize(db.connection, _collected, state)
-            finalizer.atexit = False
-            db.__dict__[_FINALIZER_ATTR] = finalizer
-        except TypeError:  # a driver connection without weak reference support
-            db.__dict__[_FINALIZER_ATTR] = None
-        rt.emit("connection_opened", state, info)
-        serverfacts.on_connect(db, state, rt)
-    except Exception as internal:
-        state.connecting = False
-        rt.internal_error("lifecycle.connect", internal)
+        finalizer = weakref.finalize(db.connection, _collected, state)
+    except TypeError:  # sqlite3.Connection: no weak references
+        finalizer = weakref.finalize(db, _collected, state)
+    finalizer.atexit = False
+    return finalizer
 
 
 def _refuse_connect(
@@ -150,7 +181,24 @@ def mark_closed(db: BaseDatabaseWrapper, state: ConnState, reason: str) -> None:
     runtime.get().emit("connection_closed", state, reason)
 
 
+#: :func:`_closing`'s answer for a connection inherited across fork: dropped, not closed
+_DISCARDED = "discarded"
+
+
 def _close(db: BaseDatabaseWrapper, original: Callable[[], None]) -> None:
+    closing = _closing(db)
+    if closing is _DISCARDED:
+        return
+    try:
+        original()
+    finally:
+        if closing is not None:
+            _closed(db, *closing)
+
+
+@guard("lifecycle.close")
+def _closing(db: BaseDatabaseWrapper) -> tuple[ConnState, str] | str | None:
+    """Before a close: why it happens; :data:`_DISCARDED` if it must not happen at all."""
     state: ConnState | None = db.__dict__.get(STATE_ATTR)
     reason = db.__dict__.pop(_REASON_ATTR, None) or "explicit"
     if reason is _OBSOLETE:
@@ -163,15 +211,11 @@ def _close(db: BaseDatabaseWrapper, original: Callable[[], None]) -> None:
         # Inherited across fork(): closing would send COM_QUIT on the socket the parent
         # still uses, breaking its connection. Drop it here instead, without closing.
         discard_inherited(db)
-        return
-    try:
-        original()
-    finally:
-        if state is not None:
-            try:
-                mark_closed(db, state, reason)
-            except Exception as internal:
-                runtime.get().internal_error("lifecycle.close", internal)
+        return _DISCARDED
+    return None if state is None else (state, reason)
+
+
+_closed = guard("lifecycle.close")(mark_closed)
 
 
 def close_with_reason(db: BaseDatabaseWrapper, reason: str) -> None:
@@ -237,6 +281,7 @@ def _collected(state: ConnState) -> None:
     pending_abandoned.append(state)
 
 
+@guard("lifecycle.report_abandoned")
 def report_abandoned() -> None:
     """Report the connections garbage-collected without a close (reason ``abandoned``)."""
     while pending_abandoned:

@@ -16,6 +16,7 @@ from structlog.contextvars import bind_contextvars, reset_contextvars
 from . import scope as _scope
 from . import threads
 from .conf import get_config
+from .contain import guard
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
@@ -33,7 +34,11 @@ class ConnDiagMiddleware:
         if self.async_mode:
             markcoroutinefunction(self)
 
-    def _enter(self, request: HttpRequest) -> tuple[Any, Any]:
+    # Contained (conndiag/contain.py): if entering fails the request is served without its
+    # scope; if leaving fails the response is returned all the same.
+    @staticmethod
+    @guard("middleware.enter")
+    def _enter(request: HttpRequest) -> tuple[Any, Any] | None:
         carrier = getattr(request, "environ", None)
         if carrier is None or _scope.CARRIER_KEY not in carrier:
             carrier = getattr(request, "scope", None) or {}
@@ -49,7 +54,10 @@ class ConnDiagMiddleware:
         return token, log_tokens
 
     @staticmethod
-    def _leave(tokens: tuple[Any, Any]) -> None:
+    @guard("middleware.leave")
+    def _leave(tokens: tuple[Any, Any] | None) -> None:
+        if tokens is None:
+            return
         token, log_tokens = tokens
         reset_contextvars(**log_tokens)
         if token is not None:

@@ -2,7 +2,11 @@
 
 Built on first use from :func:`conndiag.conf.get_config` and dropped when ``CONNDIAG``
 changes. :meth:`Runtime.emit` fans a record out to every recorder; a recorder's failure is
-counted and reported once per kind, and never reaches the application.
+counted and reported once per kind, and never reaches the application. A recorder that
+cannot be built (the metrics, when ``PROMETHEUS_MULTIPROC_DIR`` names a missing directory)
+is left out: conndiag runs without it and says so (an internal error ``<name>.build``,
+reported through the recorders that could be built; see also check ``conndiag.E002``).
+The runtime is the reporter of :mod:`conndiag.contain`.
 """
 
 from __future__ import annotations
@@ -10,9 +14,12 @@ from __future__ import annotations
 import threading
 from typing import TYPE_CHECKING, Any
 
+from . import contain
 from .conf import Config, get_config
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from .records import Query, Recorder
 
 
@@ -57,15 +64,34 @@ class Runtime:
                 pass
 
 
+class RecorderUnavailable(RuntimeError):
+    """A recorder could not be built: conndiag runs without it (reported, never raised)."""
+
+
 def build(config: Config) -> Runtime:
     from .events import EventLog
 
-    recorders: list[Recorder] = [EventLog(config)]
+    factories: list[tuple[str, Callable[[Config], Recorder]]] = [("events", EventLog)]
     if config.metrics:
         from .metrics import MetricsRecorder
 
-        recorders.append(MetricsRecorder(config))
-    return Runtime(config, recorders)
+        factories.append(("metrics", MetricsRecorder))
+    recorders: list[Recorder] = []
+    failed: list[tuple[str, Exception]] = []
+    for name, factory in factories:
+        try:
+            recorders.append(factory(config))
+        except Exception as exc:
+            failed.append((name, exc))
+    rt = Runtime(config, recorders)
+    for name, error in failed:
+        msg = f"conndiag runs without its {name}: {type(error).__name__}: {error}"
+        if name == "metrics":
+            msg += " (check conndiag.E002: PROMETHEUS_MULTIPROC_DIR)"
+        unavailable = RecorderUnavailable(msg)
+        unavailable.__cause__ = error
+        rt.internal_error(f"{name}.build", unavailable)
+    return rt
 
 
 _runtime: Runtime | None = None
@@ -95,6 +121,17 @@ def after_fork() -> None:
     rt = _runtime
     if rt is not None:
         rt._lock = threading.Lock()
+
+
+def internal_error(component: str, error: BaseException) -> None:
+    """Count and report a failure of conndiag's own code (the reporter of ``contain``)."""
+    rt = _runtime
+    if rt is None:
+        rt = get()  # if it cannot be built, contain falls back to the stdlib logger
+    rt.internal_error(component, error)
+
+
+contain.set_reporter(internal_error)
 
 
 def reset(**kwargs: object) -> None:

@@ -17,6 +17,7 @@ from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
 
 from . import process, threads
+from .contain import guard
 
 if TYPE_CHECKING:
     from django.http import HttpRequest
@@ -131,6 +132,9 @@ class RequestScope:
         return what
 
 
+# Django sends the request signals with send(), not send_robust(): a receiver's exception
+# would break the request, so both receivers are contained.
+@guard("scope.request_started")
 def on_request_started(
     sender: object, environ: Any = None, scope: Any = None, **kwargs: Any
 ) -> None:
@@ -145,6 +149,7 @@ def on_request_started(
     _current.set(rs)
 
 
+@guard("scope.request_finished")
 def on_request_finished(sender: object, **kwargs: Any) -> None:
     """``request_finished`` receiver: the request served on this thread is over."""
     info = threads.current()

@@ -1,6 +1,6 @@
 """Stale connections: idle longer than the server's ``wait_timeout``, so certain to fail.
 
-Before such a query the wrapper calls :func:`handle`: it emits a ``stale`` event and
+Before such a query the wrapper calls :func:`report`: it emits a ``stale`` event and
 metric, and, with ``REPLACE_STALE`` on and outside any transaction, replaces the connection
 (logged and counted as a close with reason ``replaced_stale``), which turns a certain
 ``(2006, 'MySQL server has gone away')`` into a reconnect. Inside an atomic block the
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from .contain import internal_error
 from .lifecycle import close_with_reason
 from .state import STATE_ATTR
 
@@ -27,32 +28,36 @@ def can_replace(db: BaseDatabaseWrapper) -> bool:
     return not db.in_atomic_block and bool(db.autocommit)
 
 
-def handle(db: BaseDatabaseWrapper, q: Query, rt: Runtime, cursor: Any) -> ConnState:
-    """Report a stale connection and maybe replace it; returns the state to run on.
+def report(db: BaseDatabaseWrapper, q: Query, rt: Runtime) -> bool:
+    """Report a stale connection; whether to replace it before the query (:func:`replace`)."""
+    wait_timeout = q.state.wait_timeout
+    if wait_timeout is None:
+        return False
+    replace_it = rt.config.replace_stale and can_replace(db)
+    rt.emit("stale", q, wait_timeout, replace_it)
+    return replace_it
 
-    ``cursor`` is the Django cursor wrapper the query runs on: after a replacement it is
-    pointed at a raw cursor of the new connection. If reconnecting fails, that error
-    propagates to the application (the old connection was certain to fail anyway).
+
+def replace(db: BaseDatabaseWrapper, q: Query, cursor: Any) -> ConnState:
+    """Replace the stale connection; returns the state of the new one to run on.
+
+    ``cursor`` is the Django cursor wrapper the query runs on: it is pointed at a raw cursor
+    of the new connection. If reconnecting fails, that error propagates to the application
+    (the old connection was certain to fail anyway); the connect failure is reported
+    (``conndiag.connection.failed``) with its own diagnosis.
     """
     state = q.state
-    wait_timeout = state.wait_timeout
-    if wait_timeout is None:
-        return state
-    replace = rt.config.replace_stale and can_replace(db)
-    rt.emit("stale", q, wait_timeout, replace)
-    if not replace:
-        return state
     try:
         close_with_reason(db, "replaced_stale")
     except Exception as exc:
-        rt.internal_error("stale.replace", exc)
+        internal_error("stale.replace", exc)
     if db.connection is not None:  # pragma: no cover - Django drops it even when close fails
         return state
-    # A failed reconnect propagates: the query cannot run, and the connect failure is
-    # already reported (``conndiag.connection.failed``) with its own diagnosis.
     db.ensure_connection()
     with db.wrap_database_errors:
         cursor.cursor = db.create_cursor()
-    new_state: ConnState = db.__dict__[STATE_ATTR]
+    new_state: ConnState | None = db.__dict__.get(STATE_ATTR)
+    if new_state is None:  # conndiag's connect hook failed (contained): keep counting here
+        return state
     q.state = new_state
     return new_state

@@ -16,6 +16,8 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from .contain import guard
+
 if TYPE_CHECKING:
     from .scope import RequestScope
 
@@ -92,17 +94,23 @@ _tracking = False
 
 def _start(self: threading.Thread) -> None:
     if _tracking:
-        info = current()
-        if not info.in_submit:
-            origin = info.handed_off_origin()
-            if origin is None:
-                # A thread started from async code: the request lives in the context.
-                from .scope import current_scope
-
-                origin = current_scope()
-            if origin is not None:
-                self._conndiag_origin = origin  # type: ignore[attr-defined]
+        _mark_origin(self)
     _wrapped_start(self)
+
+
+@guard("threads.start")
+def _mark_origin(thread: threading.Thread) -> None:
+    """Before ``Thread.start``: remember the request the new thread's work comes from."""
+    info = current()
+    if not info.in_submit:
+        origin = info.handed_off_origin()
+        if origin is None:
+            # A thread started from async code: the request lives in the context.
+            from .scope import current_scope
+
+            origin = current_scope()
+        if origin is not None:
+            thread._conndiag_origin = origin  # type: ignore[attr-defined]
 
 
 class _TaskWithOrigin:
@@ -115,18 +123,40 @@ class _TaskWithOrigin:
         self.origin = origin
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        info = current()
-        previous = info.task_origin
-        info.task_origin = self.origin
+        entered = _enter_task(self.origin)
         try:
             return self.fn(*args, **kwargs)
         finally:
-            info.task_origin = previous
+            if entered is not None:
+                entered[0].task_origin = entered[1]
+
+
+@guard("threads.task")
+def _enter_task(origin: RequestScope) -> tuple[ThreadInfo, RequestScope | None]:
+    """In the worker, before the task: it runs with its request's origin."""
+    info = current()
+    previous = info.task_origin
+    info.task_origin = origin
+    return info, previous
 
 
 def _submit(self: ThreadPoolExecutor, fn: Callable[..., _T], /, *args: Any, **kwargs: Any) -> Any:
     if not _tracking:
         return _wrapped_submit(self, fn, *args, **kwargs)
+    submitting = _submitting(fn)
+    if submitting is None:
+        return _wrapped_submit(self, fn, *args, **kwargs)
+    info, task = submitting
+    info.in_submit += 1
+    try:
+        return _wrapped_submit(self, task, *args, **kwargs)
+    finally:
+        info.in_submit -= 1
+
+
+@guard("threads.submit")
+def _submitting(fn: Callable[..., Any]) -> tuple[ThreadInfo, Callable[..., Any]]:
+    """Before ``submit``: the task to submit instead of ``fn`` (it carries the origin)."""
     info = current()
     # Only the *thread-local* request counts here, and only from a thread that runs no
     # event loop: work submitted from an event loop (sync_to_async(thread_sensitive=False),
@@ -135,12 +165,7 @@ def _submit(self: ThreadPoolExecutor, fn: Callable[..., _T], /, *args: Any, **kw
     # loop thread async_to_sync starts for a sync view: its own task came from the request
     # thread, but what it hands to an executor the request awaits.
     origin = None if asyncio._get_running_loop() is not None else info.handed_off_origin()
-    task: Callable[..., Any] = fn if origin is None else _TaskWithOrigin(fn, origin)
-    info.in_submit += 1
-    try:
-        return _wrapped_submit(self, task, *args, **kwargs)
-    finally:
-        info.in_submit -= 1
+    return info, (fn if origin is None else _TaskWithOrigin(fn, origin))
 
 
 def install_tracking() -> None:

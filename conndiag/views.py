@@ -29,7 +29,11 @@ from django.views.decorators.http import require_safe
 
 from . import process
 from .conf import get_config
+from .contain import guard
 from .metrics import flush, multiprocess_dir
+
+#: contained: if pushing the pending numbers fails, the scrape serves what was pushed
+_flush = guard("metrics.flush")(flush)
 
 if TYPE_CHECKING:
     from django.http import HttpRequest
@@ -99,7 +103,7 @@ def metrics(request: HttpRequest) -> HttpResponse:
     if denied is not None:
         return denied
     process.check()  # a worker's first scrape may come before its first query
-    flush()  # this process's pending query numbers, so the scrape is exact here
+    _flush()  # this process's pending query numbers, so the scrape is exact here
     if multiprocess_dir():
         from prometheus_client.multiprocess import MultiProcessCollector
 

@@ -2,8 +2,8 @@
 
 classify (``classify``) -> policy (``runtime.policy``; maybe raise, before the database) ->
 stale check (``stale``) -> run the query, timed -> record (``runtime.record_query``: log
-events and metrics). conndiag's own failures are contained: the query always runs unless
-the policy says ``raise``.
+events and metrics). conndiag's own failures are contained (``conndiag/contain.py``): the
+query always runs unless the policy says ``raise``.
 """
 
 from __future__ import annotations
@@ -13,7 +13,9 @@ from typing import TYPE_CHECKING, Any
 
 from . import process, runtime, stale, threads
 from .classify import classify
+from .contain import internal_error
 from .diagnosis import CONNECTION_BROKEN, diagnose
+from .exceptions import ConnDiagError
 from .lifecycle import pending_abandoned, report_abandoned
 from .policy import refusal
 from .records import Query
@@ -47,12 +49,15 @@ class ExecuteWrapper:
         if state is None or state.connecting:
             # Not a connection conndiag saw open, or init_connection_state() queries.
             return execute(sql, params, many, context)
-        if _getpid() != process._pid:
-            process.check()  # first entry point in a new process: run the on_fork callbacks
-        if pending_abandoned:
-            report_abandoned()
-        rt = runtime._runtime or runtime.get()
+        replace = False
+        # Contained (see conndiag/contain.py): a failure here is reported and the query runs
+        # as it would without conndiag. Inline, not a guard: a ``try`` is free, a call is not.
         try:
+            if _getpid() != process._pid:
+                process.check()  # first entry point in a new process: run the on_fork callbacks
+            if pending_abandoned:
+                report_abandoned()
+            rt = runtime._runtime or runtime.get()
             info = _current_thread()
             ctx, rs = classify(state, info)
             action = rt.policy[ctx]
@@ -70,14 +75,23 @@ class ExecuteWrapper:
                 many,
                 start - (state.opened if last is None else last),
             )
+            if action == "raise":
+                rt.record_query(q)
+                raise refusal(ctx, state.alias, state.vendor, state, info, rs)
+            if (
+                state.wait_timeout is not None
+                and q.idle >= state.wait_timeout - rt.config.stale_margin
+            ):
+                replace = stale.report(db, q, rt)
+        except ConnDiagError:
+            raise  # the policy's refusal, not a failure
         except Exception as internal:
-            rt.internal_error("wrapper.classify", internal)
+            internal_error("wrapper", internal)
             return execute(sql, params, many, context)
-        if action == "raise":
-            rt.record_query(q)
-            raise refusal(ctx, state.alias, state.vendor, state, info, rs)
-        if state.wait_timeout is not None and q.idle >= state.wait_timeout - rt.config.stale_margin:
-            state = stale.handle(db, q, rt, context["cursor"])
+        if replace:
+            # Outside the containment: a failed reconnect is the application's database
+            # error (the stale connection was certain to fail anyway).
+            state = stale.replace(db, q, context["cursor"])
             start = perf_counter()
         try:
             result = execute(sql, params, many, context)
@@ -92,7 +106,7 @@ class ExecuteWrapper:
                 if state.broken is None and diagnosis.error_class in CONNECTION_BROKEN:
                     state.broken = (diagnosis.code, end)
             except Exception as internal:
-                rt.internal_error("wrapper.diagnose", internal)
+                internal_error("wrapper.diagnose", internal)
             rt.record_query(q)
             raise
         end = perf_counter()
