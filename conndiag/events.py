@@ -1,13 +1,15 @@
-"""structlog events: one per query, and one per connection opened, closed, stale or failing.
+"""Log events: one per query, and one per connection opened, closed, stale or failing.
 
-Event names and field names are a stable, documented schema (README, "Log events"): alerts
-and dashboards are built on them. conndiag logs through ``structlog.get_logger(LOGGER_NAME)``
-and never configures structlog for the application.
+Event names and field names are a stable, documented schema (README, "Log events";
+docs/logging.md): alerts and dashboards are built on them. The events go to structlog when
+the application configured it, otherwise to the stdlib loggers ``conndiag.query``,
+``conndiag.connection``, ``conndiag.server`` and ``conndiag.internal`` (see
+:mod:`conndiag.logbackend`); conndiag configures neither.
 
 Routine per-query events (``conndiag.query``) are emitted at ``QUERY_LOG_LEVEL`` and can be
-switched off (``LOG_QUERIES``), sampled (``QUERY_LOG_SAMPLE_RATE``) or filtered by level;
-the level check is cached for a second so a filtered event costs almost nothing. Anomalies
-(flagged and refused queries, errors, stale connections, failed connects) are always emitted.
+switched off (``LOG_QUERIES``), sampled (``QUERY_LOG_SAMPLE_RATE``) or filtered by level; a
+filtered event costs a level check. Anomalies (flagged and refused queries, errors, stale
+connections, failed connects) are always emitted, at warning or error.
 """
 
 from __future__ import annotations
@@ -17,9 +19,16 @@ import random
 import time
 from typing import TYPE_CHECKING, Any
 
-import structlog
-
 from . import process
+from .logbackend import (
+    CONNECTION_FAMILY,
+    INTERNAL_FAMILY,
+    LEVELS,
+    QUERY_FAMILY,
+    SERVER_FAMILY,
+    Backend,
+    structlog_level_enabled,
+)
 from .policy import explain
 from .records import ACTION_LABELS
 
@@ -58,13 +67,11 @@ EVENTS = (
 #: close reasons logged at warning level (the others are routine, at info)
 WARN_CLOSE_REASONS = frozenset({"abandoned", "unusable", "health_check_failed", "replaced_stale"})
 
-_LEVELS = {
-    "debug": logging.DEBUG,
-    "info": logging.INFO,
-    "warning": logging.WARNING,
-    "error": logging.ERROR,
-}
-_LEVEL_CACHE_SECONDS = 1.0
+DEBUG, INFO, WARNING, ERROR = logging.DEBUG, logging.INFO, logging.WARNING, logging.ERROR
+
+#: Whether structlog, as the application configured it, would emit at a level (kept for
+#: callers of 0.1).
+level_enabled = structlog_level_enabled
 
 
 def _r(value: float | None) -> float | None:
@@ -116,42 +123,23 @@ def connection_fields(state: ConnState, now: float | None = None) -> dict[str, A
 
 
 class EventLog:
-    """The structlog recorder."""
+    """The log-event recorder (structlog or stdlib logging: :mod:`conndiag.logbackend`)."""
 
-    __slots__ = (
-        "_enabled",
-        "_enabled_until",
-        "_level",
-        "_level_no",
-        "_logger",
-        "_logger_name",
-        "config",
-    )
+    __slots__ = ("_backend", "_level_no", "config")
 
     def __init__(self, config: Config) -> None:
         self.config = config
-        self._logger_name = config.logger_name
-        # One lazy proxy per runtime: with cache_logger_on_first_use it binds only once.
-        self._logger = structlog.get_logger(self._logger_name)
-        self._level = config.query_log_level
-        self._level_no = _LEVELS[self._level]
-        self._enabled = False
-        self._enabled_until = 0.0
+        self._backend = Backend(config.logger_name)
+        self._level_no = LEVELS[config.query_log_level]
 
     # -- helpers ---------------------------------------------------------------------------
 
-    def _log(self, level: str, event: str, **fields: Any) -> None:
-        getattr(self._logger, level)(event, **fields)
+    def _log(self, family: str, level_no: int, event: str, **fields: Any) -> None:
+        self._backend.emit(family, level_no, event, fields)
 
     def query_events_enabled(self) -> bool:
-        """Whether a routine query event would be emitted at all (cached for a second)."""
-        now = time.monotonic()
-        if now >= self._enabled_until:
-            self._enabled = self.config.log_queries and level_enabled(
-                self._logger_name, self._level_no
-            )
-            self._enabled_until = now + _LEVEL_CACHE_SECONDS
-        return self._enabled
+        """Whether a routine query event would be emitted at all (a cheap level check)."""
+        return self.config.log_queries and self._backend.enabled(QUERY_FAMILY, self._level_no)
 
     def _query_fields(self, q: Query) -> dict[str, Any]:
         # One dict literal: this runs for every logged query.
@@ -209,43 +197,40 @@ class EventLog:
     # -- Recorder --------------------------------------------------------------------------
 
     def query(self, q: Query) -> None:
+        emit = self._backend.emit
         if q.error is not None:
-            self._log("error", QUERY_FAILED, **self._query_fields(q))
+            emit(QUERY_FAMILY, ERROR, QUERY_FAILED, self._query_fields(q))
             return
-        if q.action == "raise":
+        if q.action == "raise" or q.action == "log":
             fields = self._query_fields(q)
             fields["message"] = explain(
                 q.context, q.state.alias, q.state.vendor, q.state, q.info, q.scope
             )
-            self._log("error", QUERY_REFUSED, **fields)
-            return
-        if q.action == "log":
-            fields = self._query_fields(q)
-            fields["message"] = explain(
-                q.context, q.state.alias, q.state.vendor, q.state, q.info, q.scope
-            )
-            self._log("warning", QUERY_FLAGGED, **fields)
+            if q.action == "raise":
+                emit(QUERY_FAMILY, ERROR, QUERY_REFUSED, fields)
+            else:
+                emit(QUERY_FAMILY, WARNING, QUERY_FLAGGED, fields)
             return
         if not self.query_events_enabled():
             return
         rate = self.config.query_log_sample_rate
         if rate < 1.0 and random.random() >= rate:
             return
-        self._log(self._level, QUERY, **self._query_fields(q))
+        emit(QUERY_FAMILY, self._level_no, QUERY, self._query_fields(q))
 
     def connection_opened(self, state: ConnState, info: ThreadInfo) -> None:
         fields = connection_fields(state)
         fields.update(thread_fields(info))
         fields["context"] = state.context_opened
         fields["open_duration_s"] = _r(state.open_duration)
-        self._log("info", CONNECTION_OPENED, **fields)
+        self._backend.emit(CONNECTION_FAMILY, INFO, CONNECTION_OPENED, fields)
 
     def connection_closed(self, state: ConnState, reason: str) -> None:
         fields = connection_fields(state)
         fields["connection_idle_s"] = _r(state.idle())
         fields["reason"] = reason
-        level = "warning" if reason in WARN_CLOSE_REASONS else "info"
-        self._log(level, CONNECTION_CLOSED, **fields)
+        level = WARNING if reason in WARN_CLOSE_REASONS else INFO
+        self._backend.emit(CONNECTION_FAMILY, level, CONNECTION_CLOSED, fields)
 
     def connect_failed(
         self,
@@ -257,7 +242,8 @@ class EventLog:
         diagnosis: Diagnosis,
     ) -> None:
         self._log(
-            "error",
+            CONNECTION_FAMILY,
+            ERROR,
             CONNECTION_FAILED,
             alias=alias,
             vendor=vendor,
@@ -277,11 +263,12 @@ class EventLog:
         fields["connection_idle_s"] = _r(q.idle)
         fields["wait_timeout_s"] = wait_timeout
         fields["replaced"] = replaced
-        self._log("warning", CONNECTION_STALE, **fields)
+        self._backend.emit(CONNECTION_FAMILY, WARNING, CONNECTION_STALE, fields)
 
     def server_facts(self, state: ConnState, facts: dict[str, Any]) -> None:
         self._log(
-            "info",
+            SERVER_FAMILY,
+            INFO,
             SERVER_FACTS,
             alias=state.alias,
             vendor=state.vendor,
@@ -292,21 +279,9 @@ class EventLog:
     def internal_error(self, component: str, error: BaseException, first: bool) -> None:
         if first:
             self._log(
-                "error",
+                INTERNAL_FAMILY,
+                ERROR,
                 INTERNAL_ERROR,
                 component=component,
                 error=f"{type(error).__name__}: {error}",
             )
-
-
-def level_enabled(logger_name: str, level_no: int) -> bool:
-    """Whether structlog, as the application configured it, would emit at ``level_no``."""
-    wrapper_class = structlog.get_config()["wrapper_class"]
-    if isinstance(wrapper_class, type) and issubclass(wrapper_class, structlog.stdlib.BoundLogger):
-        return logging.getLogger(logger_name).isEnabledFor(level_no)
-    is_enabled_for = getattr(wrapper_class, "is_enabled_for", None)
-    if is_enabled_for is not None:
-        # make_filtering_bound_logger classes (structlog's default wrapper class); their
-        # is_enabled_for ignores ``self``.
-        return bool(is_enabled_for(wrapper_class, level_no))
-    return True

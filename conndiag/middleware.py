@@ -2,8 +2,11 @@
 
 It attaches what only a middleware can see (request id, method, path, view) to the scope
 that ``request_started`` opened on the request thread, makes it the scope of the request's
-context (so ``sync_to_async`` work carries it), and binds ``request_id`` for the
-application's own structlog logs. Sync and async capable.
+context (so ``sync_to_async`` work carries it), and, when the application configured
+structlog, binds ``request_id`` for the application's own structlog logs. Sync and async
+capable.
+
+It runs on every request: it does only that (see README, "Performance").
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from asgiref.sync import iscoroutinefunction, markcoroutinefunction
+from structlog import is_configured as structlog_configured
 from structlog.contextvars import bind_contextvars, reset_contextvars
 
 from . import scope as _scope
@@ -22,6 +26,9 @@ if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
 
     from django.http import HttpRequest, HttpResponseBase
+
+_KEY = _scope.CARRIER_KEY
+_current_scope = _scope.current_scope
 
 
 class ConnDiagMiddleware:
@@ -39,18 +46,20 @@ class ConnDiagMiddleware:
     @staticmethod
     @guard("middleware.enter")
     def _enter(request: HttpRequest) -> tuple[Any, Any] | None:
-        carrier = getattr(request, "environ", None)
-        if carrier is None or _scope.CARRIER_KEY not in carrier:
-            carrier = getattr(request, "scope", None) or {}
-        rs = carrier.get(_scope.CARRIER_KEY)
+        carrier = request.__dict__.get("environ")  # WSGIRequest
+        rs = None if carrier is None else carrier.get(_KEY)
         if rs is None:
-            # request_started did not fire (a bare handler call): open the scope here.
-            info = threads.current()
-            rs = info.scope or _scope.RequestScope(info)
+            carrier = getattr(request, "scope", None)  # ASGIRequest
+            rs = carrier.get(_KEY) if isinstance(carrier, dict) else None
+            if rs is None:
+                # request_started did not fire (a bare handler call): open the scope here.
+                info = threads.current()
+                rs = info.scope or _scope.RequestScope(info)
         rs.attach(request, get_config().request_id_meta_key)
         # Under WSGI request_started already made it the context's scope (on this thread).
-        token = None if _scope.current_scope() is rs else _scope.enter(rs)
-        log_tokens = bind_contextvars(request_id=rs.request_id)
+        token = None if _current_scope() is rs else _scope.enter(rs)
+        # The application's structlog lines get request_id; without structlog nobody reads it.
+        log_tokens = bind_contextvars(request_id=rs.request_id) if structlog_configured() else None
         return token, log_tokens
 
     @staticmethod
@@ -59,7 +68,8 @@ class ConnDiagMiddleware:
         if tokens is None:
             return
         token, log_tokens = tokens
-        reset_contextvars(**log_tokens)
+        if log_tokens is not None:
+            reset_contextvars(**log_tokens)
         if token is not None:
             _scope.leave(token)
 
@@ -70,7 +80,9 @@ class ConnDiagMiddleware:
         try:
             return self.get_response(request)
         finally:
-            self._leave(tokens)
+            # Under WSGI without structlog there is nothing to undo: no call at all.
+            if tokens is not None and tokens != (None, None):
+                self._leave(tokens)
 
     async def __acall__(self, request: HttpRequest) -> HttpResponseBase:
         tokens = self._enter(request)

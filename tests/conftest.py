@@ -8,6 +8,7 @@ too, MySQL tests fail loudly under ``CI=true`` and are skipped, with the reason,
 from __future__ import annotations
 
 import gc
+import logging
 import os
 import shutil
 import socket
@@ -24,6 +25,7 @@ from django.conf import settings
 from structlog.testing import capture_logs
 
 from conndiag import runtime, serverfacts
+from conndiag.logbackend import record_fields
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
@@ -157,9 +159,50 @@ def _fresh_runtime() -> Iterator[None]:
     runtime.reset()
 
 
+class _EventRecords(logging.Handler):
+    """Collects conndiag's stdlib records as the dicts structlog's ``capture_logs`` gives."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.entries: list[dict[str, Any]] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        entry = record_fields(record)
+        if "event" in entry:
+            entry["log_level"] = record.levelname.lower()
+            entry["message"] = record.getMessage()
+            self.entries.append(entry)
+
+
+@contextmanager
+def capture_events(logger_name: str = "conndiag") -> Iterator[list[dict[str, Any]]]:
+    """Every conndiag event emitted in the block, as dicts, from whichever backend is active.
+
+    structlog configured (the test configured it, as an application would): structlog's
+    ``capture_logs``, leaving structlog's configured state as it was. Otherwise conndiag logs
+    through stdlib logging: a handler on the ``conndiag`` logger, which is opened to DEBUG
+    for the block (as an application's ``LOGGING`` that wants routine events would), turns
+    each record into ``{"event", "log_level", "message", **fields}``.
+    """
+    if structlog.is_configured():
+        with capture_logs() as captured:
+            yield captured
+        return
+    logger = logging.getLogger(logger_name)
+    handler = _EventRecords()
+    old_level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    try:
+        yield handler.entries
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old_level)
+
+
 @pytest.fixture
 def events() -> Iterator[list[dict[str, Any]]]:
-    """Every structlog event emitted during the test, conndiag's included, as dicts.
+    """Every conndiag event emitted during the test, as dicts (see :func:`capture_events`).
 
     Connections earlier tests left to the garbage collector are collected and reported
     first, so they don't show up as this test's ``abandoned`` closes.
@@ -168,7 +211,7 @@ def events() -> Iterator[list[dict[str, Any]]]:
 
     gc.collect()
     report_abandoned()
-    with capture_logs() as captured:
+    with capture_events() as captured:
         yield captured
 
 
@@ -179,6 +222,8 @@ def of(events: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
 
 @pytest.fixture(autouse=True, scope="session")
 def _structlog_defaults() -> None:
+    """The suite runs as a project that configured no structlog (stdlib backend) unless a
+    test configures it."""
     structlog.reset_defaults()
 
 

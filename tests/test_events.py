@@ -1,4 +1,8 @@
-"""structlog events: stable names and fields, level filtering, sampling, no SQL by default."""
+"""Log events: stable names and fields, level filtering, sampling, no SQL by default.
+
+The tests run with the backend a project gets when it configured no structlog (stdlib
+logging); ``backend`` runs a test under structlog too.
+"""
 
 from __future__ import annotations
 
@@ -47,11 +51,26 @@ QUERY_FIELDS = {
 }
 
 
-def test_query_event_has_the_documented_fields(events):
-    """``conndiag.query`` carries every documented field, and no SQL by default."""
+@pytest.fixture(params=["stdlib", "structlog"])
+def backend(request):
+    """The test runs once with stdlib logging and once with structlog configured (JSON)."""
+    if request.param == "structlog":
+        structlog.configure(
+            processors=[structlog.processors.JSONRenderer()],
+            wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG),
+            logger_factory=structlog.ReturnLoggerFactory(),
+        )
+    yield request.param
+    structlog.reset_defaults()
+
+
+def test_query_event_has_the_documented_fields(backend, events):
+    """``conndiag.query`` carries every documented field, and no SQL by default, through
+    either backend (structlog: keyword arguments; stdlib: record attributes)."""
     Item.objects.using("mysql").count()
     (query,) = of(events, ev.QUERY)
-    assert set(query) - {"event", "log_level"} == QUERY_FIELDS
+    # stdlib records also carry their readable message
+    assert set(query) - {"event", "log_level", "message"} == QUERY_FIELDS
     assert query["vendor"] == "mysql"
     assert query["outcome"] == "ok"
     assert "sql" not in query and "params" not in query

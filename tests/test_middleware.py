@@ -1,4 +1,4 @@
-"""ConnDiagMiddleware: sync and async, binds request_id for the application's logs."""
+"""ConnDiagMiddleware: sync and async; binds request_id for the application's structlog logs."""
 
 from __future__ import annotations
 
@@ -13,7 +13,15 @@ from conndiag.middleware import ConnDiagMiddleware
 from tests.handlers import wsgi_get
 
 
-def test_sync_mode_binds_and_unbinds_request_id():
+@pytest.fixture
+def structlog_configured():
+    """The application configured structlog (its defaults) for the test."""
+    structlog.configure()
+    yield
+    structlog.reset_defaults()
+
+
+def test_sync_mode_binds_and_unbinds_request_id(structlog_configured):
     """During the view the request id is in structlog's context vars; after, it is gone."""
     seen: dict[str, object] = {}
 
@@ -32,7 +40,22 @@ def test_sync_mode_binds_and_unbinds_request_id():
     assert scope.current_scope() is None
 
 
-def test_async_mode_is_a_coroutine_function():
+def test_nothing_is_bound_when_structlog_is_not_configured():
+    """Without structlog configured no context variable is bound (nobody would read it):
+    the scope still carries the request id."""
+    seen: dict[str, object] = {}
+
+    def view(request):
+        seen.update(structlog.contextvars.get_contextvars())
+        seen["scope"] = scope.current_scope()
+        return HttpResponse("ok")
+
+    ConnDiagMiddleware(view)(RequestFactory().get("/x", HTTP_X_REQUEST_ID="abc-2"))
+    assert "request_id" not in seen
+    assert seen["scope"].request_id == "abc-2"
+
+
+def test_async_mode_is_a_coroutine_function(structlog_configured):
     """With an async get_response the middleware is async and sets the scope in context."""
     seen: dict[str, object] = {}
 
