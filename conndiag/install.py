@@ -9,7 +9,7 @@ from django.db import connections
 from django.db.backends.signals import connection_created
 from django.test.signals import setting_changed
 
-from . import conf, lifecycle, process, runtime, scope, threads
+from . import conf, lifecycle, metrics, process, runtime, scope, threads
 from .contain import guard
 from .lifecycle import install as _install_on
 
@@ -47,6 +47,7 @@ def install() -> None:
     apply_thread_tracking()
     request_started.connect(scope.on_request_started, dispatch_uid=_UID + ".started")
     request_finished.connect(scope.on_request_finished, dispatch_uid=_UID + ".finished")
+    request_finished.connect(metrics.on_request_finished, dispatch_uid=_UID + ".metrics")
     connection_created.connect(_on_connection_created, dispatch_uid=_UID + ".created")
     setting_changed.connect(_on_setting_changed, dispatch_uid=_UID + ".settings")
     if not getattr(connections, _HANDLER_ATTR, False):

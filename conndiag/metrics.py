@@ -8,10 +8,17 @@ uses Info/Enum, custom collectors, ``set_function`` or ``remove()``.
 
 The hot path (:meth:`MetricsRecorder.query`) does not touch prometheus_client at all: each
 thread adds to its own plain list of numbers (one list per alias, vendor, context and
-action; no lock, no label lookup), and those numbers are pushed into the metrics' values by
-:func:`flush`, which runs every :data:`FLUSH_INTERVAL` seconds on a daemon thread, before
-every scrape served by :mod:`conndiag.views`, and at exit. A scrape therefore sees every
-query of the scraped process, and other processes' queries at most ``FLUSH_INTERVAL`` late.
+action; no lock, no label lookup). Those numbers are pushed into the metrics' values at safe
+points, by the threads that run the application, with no thread of conndiag's own:
+
+- at the end of every request, on its thread (:func:`on_request_finished`);
+- on the query path, when the thread's batch is :data:`FLUSH_INTERVAL` old (then every
+  thread's batch is pushed, if that is due too);
+- before every scrape served by :mod:`conndiag.views` (every thread of the process);
+- at exit (``atexit``, and ``uwsgi.atexit`` under uWSGI).
+
+A thread that ends hands its numbers over from the thread-local's finalizer
+(:meth:`Metrics._retire`, O(1) work per key, no wait); the next push sends them.
 Connection events (open, close, stale, errors) are rare and update the metrics directly.
 
 "When" gauges are timestamps (compute ages in PromQL with ``time() - metric``). The two
@@ -26,17 +33,20 @@ import atexit
 import math
 import os
 import threading
-import time
 import weakref
 from bisect import bisect_left
+from collections import deque
+from operator import add, sub
+from time import perf_counter
 from typing import TYPE_CHECKING, Any
 
 from . import process
 from .conf import ACTIONS, CONTEXTS
+from .contain import internal_error
 from .records import ACTION_LABELS
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Iterable
 
     from prometheus_client import CollectorRegistry
 
@@ -165,10 +175,20 @@ class _Series:
         #: (conn_max_age_state, health_checks) last published in conndiag_config_info
         self.config_labels: tuple[str, str] | None = None
 
-    def reset(self) -> None:
-        """Forget every open connection (after fork: they belong to the parent)."""
-        self.open.clear()
-        self.open_gauge.set(0)
+    def forget(self) -> None:
+        """Forget every open connection (after fork: they belong to the parent).
+
+        Plain state only; :meth:`publish` updates the gauges at the next safe point.
+        """
+        self.open = {}
+        self.oldest_holder = self.idle_holder = None
+        self.idle_published = INF
+        self.config_labels = None
+
+    def publish(self) -> None:
+        """Set every gauge of this series from the connections open now (absolute values,
+        so a value left in the file by a dead process with the same pid cannot skew it)."""
+        self.open_gauge.set(len(self.open))
         self.recompute()
 
     def recompute(self) -> None:
@@ -225,23 +245,28 @@ class _Acc:
 
     def __init__(self, series: _Series, targets: list[Callable[[float], None]]) -> None:
         self.series = series
-        #: running totals, written by the owning thread only (see the layout above)
+        #: running totals, written by one thread at a time (see the layout above)
         self.v = [0.0] * _SLOTS
-        #: what flush() already pushed (touched under the flush lock only)
+        #: what was already pushed into prometheus_client (under the flush lock only)
         self.pushed = [0.0] * _SLOTS
         self.targets = targets
 
 
-class _ThreadAccs:
-    __slots__ = ("accs", "thread")
+class _Holder:
+    """One thread's accumulators (on one metric set), kept in that thread's local.
 
-    def __init__(self) -> None:
-        self.thread = weakref.ref(threading.current_thread())
+    Only the thread-local refers to it (no reference cycle), so it dies when the thread
+    ends, on the ending thread; a ``weakref.finalize`` then hands its numbers over
+    (:meth:`Metrics._retire`).
+    """
+
+    __slots__ = ("__weakref__", "accs", "due", "key")
+
+    def __init__(self, key: int, due: float) -> None:
+        self.key = key
         self.accs: dict[tuple[str, str, str, str], _Acc] = {}
-
-    def alive(self) -> bool:
-        thread = self.thread()
-        return thread is not None and thread.is_alive()
+        #: perf_counter time after which a query on this thread pushes its batch
+        self.due = due
 
 
 class Metrics:
@@ -379,14 +404,33 @@ class Metrics:
             registry=r,
         )
 
-        self._lock = threading.RLock()
-        self._flush_lock = threading.Lock()
         self._local = threading.local()
-        self._threads: list[_ThreadAccs] = []
+        #: the gauges need republishing at the next flush (set after a fork)
+        self._republish = False
+        self._init_state()
+        self._pid = os.getpid()
+
+    def _init_state(self) -> None:
+        """Plain per-process state (again in a forked child: nothing here is the parent's)."""
+        #: guards _series and building push targets
+        self._lock = threading.RLock()
+        #: serializes pushes into prometheus_client (``pushed`` bookkeeping)
+        self._flush_lock = threading.Lock()
+        #: guards _live and _orphans; never waited for by a retiring thread
+        self._fold_lock = threading.Lock()
+        #: live threads' accumulators, by holder key
+        self._live: dict[int, dict[tuple[str, str, str, str], _Acc]] = {}
+        self._next_key = 0
+        #: numbers of ended threads, summed per key, not pushed yet
+        self._orphans: dict[tuple[str, str, str, str], _Acc] = {}
+        #: accumulators of ended threads that could not be folded at once
+        self._retired: deque[dict[tuple[str, str, str, str], _Acc]] = deque()
         self._series: dict[tuple[str, str], _Series] = {}
         #: (alias, vendor, context) -> push targets shared by every thread's accumulator
         self._targets: dict[tuple[str, str, str], list[Callable[[float], None]]] = {}
         self._counter_children: dict[tuple[Any, tuple[str, ...]], Any] = {}
+        #: perf_counter time of the next flush of every thread (at a safe point)
+        self._full_due = 0.0
 
     # -- resolving labelled children (off the hot path) ----------------------------------
 
@@ -445,56 +489,148 @@ class Metrics:
         accs[key] = acc
         return acc
 
-    def thread_accs(self) -> dict[tuple[str, str, str, str], _Acc]:
-        holder = _ThreadAccs()
-        self._local.accs = holder.accs
-        with self._lock:
-            self._threads.append(holder)
-        _ensure_flusher()
-        return holder.accs
+    def new_holder(self) -> _Holder:
+        """The calling thread's accumulators, registered so any flush can push them."""
+        with self._fold_lock:
+            key = self._next_key = self._next_key + 1
+            holder = _Holder(key, perf_counter() + FLUSH_INTERVAL)
+            self._live[key] = holder.accs
+        finalizer = weakref.finalize(holder, self._retire, key, holder.accs, os.getpid())
+        finalizer.atexit = False  # the exit flush reads live threads itself
+        self._local.h = holder
+        return holder
 
     # -- flushing ------------------------------------------------------------------------
 
+    def _retire(self, key: int, accs: dict[tuple[str, str, str, str], _Acc], pid: int) -> None:
+        """A thread ended (its local was cleared): fold its unpushed numbers into the orphans.
+
+        Runs on the ending thread, or inside a garbage collection anywhere, so it only
+        tries the fold lock (never waits) and never calls prometheus_client: when the
+        lock is busy the accumulators are queued for the next flush.
+        """
+        if pid != os.getpid():
+            return  # a thread of the parent, freed in a forked child: the parent counts it
+        if self._fold_lock.acquire(blocking=False):
+            try:
+                self._live.pop(key, None)
+                self._fold(accs)
+            finally:
+                self._fold_lock.release()
+        else:
+            self._retired.append(accs)
+            self._live.pop(key, None)
+
+    def _fold(self, accs: dict[tuple[str, str, str, str], _Acc]) -> None:
+        """Add an ended thread's unpushed numbers to the orphans (fold lock held)."""
+        orphans = self._orphans
+        for k, acc in accs.items():
+            v, pushed = acc.v, acc.pushed
+            if v == pushed:
+                continue
+            orphan = orphans.get(k)
+            if orphan is None:
+                orphan = orphans[k] = _Acc(acc.series, acc.targets)
+            orphan.v = list(map(add, orphan.v, map(sub, v, pushed)))
+
+    @staticmethod
+    def _push(accs: Iterable[_Acc]) -> None:
+        """Push what ``accs`` gained since their last push (flush lock held).
+
+        Each value is read once: the owning thread may go on adding while this runs, and
+        what it adds after the read is pushed the next time.
+        """
+        for acc in accs:
+            v, pushed = acc.v, acc.pushed
+            if v == pushed:
+                continue
+            targets = acc.targets
+            for i in range(_SLOTS):
+                value = v[i]
+                delta = value - pushed[i]
+                if delta:
+                    pushed[i] = value
+                    targets[i](delta)
+
     def flush(self) -> None:
-        """Push every thread's query numbers into the metrics' values."""
+        """Push every thread's query numbers, and those of ended threads, into the metrics."""
+        if self._pid != os.getpid():
+            self.after_fork_in_child()
         with self._flush_lock:
-            with self._lock:
-                holders = list(self._threads)
-            dead = []
-            for holder in holders:
-                alive = holder.alive()  # before reading: a dead thread writes no more
-                for acc in list(holder.accs.values()):
-                    v, pushed, targets = acc.v, acc.pushed, acc.targets
-                    for i in range(_SLOTS):
-                        value = v[i]
-                        delta = value - pushed[i]
-                        if delta:
-                            pushed[i] = value
-                            targets[i](delta)
-                if not alive:
-                    dead.append(holder)
-            if dead:
+            with self._fold_lock:
+                while self._retired:
+                    self._fold(self._retired.popleft())
+                orphans = list(self._orphans.values())
+                live = [acc for accs in list(self._live.values()) for acc in list(accs.values())]
+            self._push(orphans)
+            self._push(live)
+            self._full_due = perf_counter() + FLUSH_INTERVAL
+            if self._republish:
+                self._republish = False
                 with self._lock:
-                    self._threads = [h for h in self._threads if h not in dead]
+                    for series in self._series.values():
+                        series.publish()
+
+    def flush_thread(self, holder: _Holder, now: float, wait: bool) -> None:
+        """Push the calling thread's numbers (and every thread's, when that is due)."""
+        if now < self._full_due and not (self._republish or self._orphans or self._retired):
+            for acc in holder.accs.values():
+                if acc.v != acc.pushed:
+                    break
+            else:
+                holder.due = now + FLUSH_INTERVAL
+                return  # nothing to push
+        if now >= self._full_due or self._republish:
+            if wait or not self._flush_lock.locked():
+                self.flush()
+                holder.due = now + FLUSH_INTERVAL
+            return
+        if not self._flush_lock.acquire(blocking=wait):
+            return  # a flush is running; this thread tries again at its next query
+        try:
+            self._push(list(holder.accs.values()))
+            if self._orphans or self._retired:
+                with self._fold_lock:
+                    while self._retired:
+                        self._fold(self._retired.popleft())
+                    orphans = list(self._orphans.values())
+                self._push(orphans)
+        finally:
+            self._flush_lock.release()
+        holder.due = now + FLUSH_INTERVAL
 
     def after_fork_in_child(self) -> None:
-        """The parent's threads and connections are not this process's: forget them."""
-        self._flush_lock = threading.Lock()
-        self._lock = threading.RLock()
-        for holder in self._threads:
-            for acc in holder.accs.values():
-                acc.pushed[:] = acc.v  # the parent pushes (or pushed) these
-        self._threads = [h for h in self._threads if h.alive()]
-        for series in self._series.values():
-            series.reset()
+        """In a forked child: the parent's threads, numbers and connections are not ours.
+
+        Only plain state is reset (new locks, new dicts); nothing here calls
+        prometheus_client, whose lock a parent thread may have held at fork time. The
+        gauges are republished at the next flush.
+        """
+        if self._pid == os.getpid():
+            return
+        self._pid = os.getpid()
+        series = self._series
+        self._init_state()
+        # prometheus_client starts this process's values from zero; every number the
+        # parent recorded is the parent's to push. The forking thread (the only one left)
+        # gets a new holder at its next query; the old one is retired as the parent's.
+        try:
+            del self._local.h
+        except AttributeError:
+            pass
+        for s in series.values():
+            s.forget()
+        self._series = series
+        self._republish = True
 
 
-# -- one metric set per registry, one flusher thread per process ---------------------------
+# -- one metric set per registry; flushes at safe points, no thread -------------------------
 
 _sets: weakref.WeakKeyDictionary[Any, Metrics] = weakref.WeakKeyDictionary()
 _sets_lock = threading.Lock()
-_flusher_pid = 0
 _hooks_installed = False
+#: the metric set of the most recently built recorder (the runtime's): request ends push it
+_active: Metrics | None = None
 
 
 def build_metrics(registry: CollectorRegistry | None = None) -> Metrics:
@@ -528,55 +664,63 @@ def flush(registry: CollectorRegistry | None = None) -> None:
         metrics.flush()
 
 
-def _flush_all_quietly() -> None:
+def flush_all_quietly() -> None:
+    """Report abandoned connections and flush every metric set, containing failures."""
     from .lifecycle import report_abandoned
 
     try:
         report_abandoned()  # a safe point for what garbage collection found
     except Exception as exc:
-        from . import runtime
-
-        rt = runtime._runtime
-        if rt is not None:
-            rt.internal_error("lifecycle.report_abandoned", exc)
+        internal_error("lifecycle.report_abandoned", exc)
     for metrics in list(_sets.values()):
         try:
             metrics.flush()
         except Exception as exc:
-            from . import runtime
-
-            rt = runtime._runtime
-            if rt is not None:
-                rt.internal_error("metrics.flush", exc)
+            internal_error("metrics.flush", exc)
 
 
-def _flush_loop(pid: int) -> None:
-    while _flusher_pid == pid:
-        time.sleep(FLUSH_INTERVAL)
-        _flush_all_quietly()
+def on_request_finished(sender: object, **kwargs: Any) -> None:
+    """``request_finished`` receiver: push the numbers of this request's thread now.
 
-
-def _ensure_flusher() -> None:
-    """Start this process's flusher thread unless it runs already."""
-    global _flusher_pid
-    pid = os.getpid()
-    if _flusher_pid == pid:
+    This is what makes a worker's requests visible to a scrape answered by any other
+    worker as soon as they are over, with no background thread.
+    """
+    metrics = _active
+    if metrics is None:
         return
-    with _sets_lock:
-        if _flusher_pid == pid:
-            return
-        _flusher_pid = pid
-        threading.Thread(
-            target=_flush_loop, args=(pid,), name="conndiag-metrics-flush", daemon=True
-        ).start()
+    try:
+        holder = getattr(metrics._local, "h", None)
+        if holder is not None:
+            metrics.flush_thread(holder, perf_counter(), wait=True)
+    except Exception as exc:
+        internal_error("metrics.flush", exc)
 
 
 def _after_fork_in_child() -> None:
-    global _sets_lock, _flusher_pid
+    global _sets_lock
     _sets_lock = threading.Lock()
-    _flusher_pid = 0  # the flusher thread did not survive the fork
     for metrics in list(_sets.values()):
         metrics.after_fork_in_child()
+
+
+def _chain_uwsgi_atexit() -> None:
+    """Under uWSGI, also flush from ``uwsgi.atexit`` (it runs even with
+    ``--skip-atexit-teardown``, which skips Python's own atexit handlers)."""
+    try:
+        import uwsgi  # type: ignore[import-not-found,import-untyped]
+    except ImportError:
+        return
+    previous = getattr(uwsgi, "atexit", None)
+    if getattr(previous, "_conndiag", False):
+        return
+
+    def atexit_hook() -> None:
+        flush_all_quietly()
+        if previous is not None:
+            previous()
+
+    atexit_hook._conndiag = True  # type: ignore[attr-defined]
+    uwsgi.atexit = atexit_hook
 
 
 def _install_process_hooks() -> None:
@@ -584,8 +728,9 @@ def _install_process_hooks() -> None:
     if _hooks_installed:
         return
     _hooks_installed = True
-    os.register_at_fork(after_in_child=_after_fork_in_child)
-    atexit.register(_flush_all_quietly)
+    process.on_fork(_after_fork_in_child)
+    atexit.register(flush_all_quietly)
+    _chain_uwsgi_atexit()
 
 
 # -- the recorder --------------------------------------------------------------------------
@@ -598,8 +743,10 @@ class MetricsRecorder:
 
     def __init__(self, config: Config, registry: CollectorRegistry | None = None) -> None:
         self.config = config
+        global _active
         self.metrics = m = build_metrics(registry)
         self._local = m._local
+        _active = m
         for context in CONTEXTS:
             chosen = config.policy.get(context)
             for action in ACTIONS:
@@ -613,18 +760,18 @@ class MetricsRecorder:
 
     def query(self, q: Query) -> None:
         try:
-            accs = self._local.accs
+            holder = self._local.h
         except AttributeError:
-            accs = self.metrics.thread_accs()
+            holder = self.metrics.new_holder()
         state = q.state
         key = (state.alias, state.vendor, q.context, q.action)
-        acc = accs.get(key)
+        acc = holder.accs.get(key)
         if acc is None:
-            acc = self.metrics.new_acc(accs, key)
+            acc = self.metrics.new_acc(holder.accs, key)
         v = acc.v
         v[0] += 1  # _N
         duration = q.duration
-        if duration is None:  # refused: it never ran
+        if duration is None:  # refused: it never ran (pushed at the request's end)
             return
         v[1] += duration  # _DSUM
         v[2 + bisect_left(_DUR_B, duration)] += 1  # _DB
@@ -644,6 +791,8 @@ class MetricsRecorder:
         ):
             with self.metrics._lock:
                 series.recompute_idle()
+        if last >= holder.due:  # this thread's batch is FLUSH_INTERVAL old: push it
+            self.metrics.flush_thread(holder, last, wait=False)
 
     def _error(self, alias: str, vendor: str, diagnosis: Diagnosis) -> None:
         m = self.metrics
@@ -651,7 +800,6 @@ class MetricsRecorder:
 
     def connection_opened(self, state: ConnState, info: ThreadInfo) -> None:
         m = self.metrics
-        _ensure_flusher()
         alias, vendor = state.alias, state.vendor
         m.child(m.opened, alias, vendor, state.context_opened).inc()
         if state.open_duration is not None:
@@ -662,7 +810,7 @@ class MetricsRecorder:
             if state.pid != process.pid() or state in series.open:
                 return
             series.open[state] = None
-            series.open_gauge.inc()
+            series.open_gauge.set(len(series.open))
             series.recompute()
 
     def _publish_config(self, series: _Series, state: ConnState) -> None:
@@ -686,7 +834,7 @@ class MetricsRecorder:
             if state not in series.open:  # opened in another process, or before a fork
                 return
             del series.open[state]
-            series.open_gauge.dec()
+            series.open_gauge.set(len(series.open))
             if state is series.oldest_holder or state is series.idle_holder:
                 series.recompute()
 

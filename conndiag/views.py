@@ -30,10 +30,10 @@ from django.views.decorators.http import require_safe
 from . import process
 from .conf import get_config
 from .contain import guard
-from .metrics import flush, multiprocess_dir
+from .metrics import flush_all_quietly, multiprocess_dir
 
 #: contained: if pushing the pending numbers fails, the scrape serves what was pushed
-_flush = guard("metrics.flush")(flush)
+_flush = guard("metrics.flush")(flush_all_quietly)
 
 if TYPE_CHECKING:
     from django.http import HttpRequest

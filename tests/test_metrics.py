@@ -265,16 +265,100 @@ def test_queries_from_many_threads_are_all_counted(m: Scrape) -> None:
     assert m("conndiag_connection_idle_seconds_count", alias="mysql", vendor="mysql") == 200
 
 
-def test_pending_numbers_reach_the_metrics_without_an_explicit_flush(m: Scrape) -> None:
-    """The flusher thread pushes query numbers on its own within a couple of seconds."""
-    Item.objects.using("mysql").count()
+def _unflushed(m: Scrape, name: str, **labels: str) -> float | None:
+    """The sample as a scrape of another process would see it now (no flush first)."""
+    return m.registry.get_sample_value(name, labels)
+
+
+def test_request_end_pushes_the_request_threads_numbers(m: Scrape) -> None:
+    """At the end of a request its thread's numbers are in the metrics already: another
+    worker answering the scrape (which cannot flush this one) would see them."""
+    wsgi_json("/sync/")
+    labels = {"alias": "default", "vendor": "sqlite"}
+    assert (
+        _unflushed(m, "conndiag_queries_total", **labels, context="request", action="observed") == 2
+    )
+    assert _unflushed(m, "conndiag_query_duration_seconds_count", **labels, context="request") == 2
+
+
+def test_a_batch_is_pushed_on_the_query_path_once_it_is_old(
+    m: Scrape, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Outside requests a thread's numbers wait in its batch until a query finds the batch
+    FLUSH_INTERVAL old; that query pushes them (no background thread does)."""
+    monkeypatch.setattr("conndiag.metrics.FLUSH_INTERVAL", 0.3)
     labels = {"alias": "mysql", "vendor": "mysql", "context": "background", "action": "observed"}
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline:
-        if m.registry.get_sample_value("conndiag_queries_total", labels) == 1:
-            break
-        time.sleep(0.1)
-    assert m.registry.get_sample_value("conndiag_queries_total", labels) == 1
+    seen: list[float | None] = []
+
+    def work() -> None:
+        Item.objects.using("mysql").count()
+        seen.append(_unflushed(m, "conndiag_queries_total", **labels))
+        time.sleep(0.4)
+        Item.objects.using("mysql").count()
+        seen.append(_unflushed(m, "conndiag_queries_total", **labels))
+        connections["mysql"].close()
+
+    _in_thread(work)
+    assert seen == [0, 2]
+
+
+def test_no_conndiag_thread_and_no_fork_warning() -> None:
+    """Queries, a request and a scrape start no thread, so a later fork gets no
+    'process is multi-threaded' DeprecationWarning (Python 3.12+), even with warnings as
+    errors; the forked child's own queries are counted."""
+    code = textwrap.dedent("""
+        import os, sys, threading, warnings
+        warnings.simplefilter("error")
+        import django
+        django.setup()
+        from django.db import connections
+        from conndiag import metrics
+        from tests.handlers import wsgi_get
+        connection = connections["mysql"]
+        for _ in range(3):
+            with connection.cursor() as c:
+                c.execute("SELECT 1")
+        assert wsgi_get("/nothing/")[0].startswith("200")
+        metrics.flush_all_quietly()
+        assert threading.active_count() == 1, threading.enumerate()
+        connection.close()  # the child opens its own
+        pid = os.fork()
+        if pid == 0:
+            with connection.cursor() as c:
+                c.execute("SELECT 1")
+            connection.close()
+            os._exit(0)
+        _, status = os.waitpid(pid, 0)
+        assert status == 0, status
+        print("ok")
+    """)
+    env = {**os.environ, "DJANGO_SETTINGS_MODULE": "tests.settings"}
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
+
+
+def test_ended_threads_are_folded_and_released(m: Scrape) -> None:
+    """200 threads that each run one query and end: their accumulators leave the registry
+    of live threads when they end, and every query is counted exactly once."""
+    metrics = m.recorder.metrics
+    m.recorder.flush()
+    live_before = len(metrics._live)
+
+    def work() -> None:
+        with connections["default"].cursor() as cursor:
+            cursor.execute("SELECT 1")
+        connections["default"].close()
+
+    for _ in range(200):
+        _in_thread(work)
+    gc.collect()
+    assert len(metrics._live) == live_before
+    labels = {"alias": "default", "vendor": "sqlite", "context": "background"}
+    assert m("conndiag_queries_total", **labels, action="observed") == 200
+    assert m("conndiag_query_duration_seconds_count", **labels) == 200
+    assert m("conndiag_queries_total", **labels, action="observed") == 200  # no double push
 
 
 # -- connections opened and closed ------------------------------------------------------------
