@@ -64,6 +64,10 @@ def _fallback(component: str, error: BaseException) -> None:
 
 _reporter: Reporter = _fallback
 
+#: every guarded step, as (component, guarded function): tests/test_faults.py makes each
+#: of them fail in turn
+GUARDED: list[tuple[str, Callable[..., Any]]] = []
+
 
 def set_reporter(reporter: Reporter) -> None:
     """Where :func:`internal_error` sends failures (the runtime calls this at import)."""
@@ -102,6 +106,7 @@ def guard(component: str, default: Any = None) -> Callable[[_F], _F]:
                 internal_error(component, exc)
                 return default
 
+        GUARDED.append((component, guarded))
         return cast("_F", guarded)
 
     return decorate

@@ -96,24 +96,30 @@ class ExecuteWrapper:
         try:
             result = execute(sql, params, many, context)
         except Exception as exc:
+            try:
+                end = perf_counter()
+                q.duration = end - start
+                state.queries += 1
+                state.last_used = end
+                q.error = exc
+                try:
+                    q.diagnosis = diagnosis = diagnose(exc, state, info, ctx, rs, q.idle)
+                    if state.broken is None and diagnosis.error_class in CONNECTION_BROKEN:
+                        state.broken = (diagnosis.code, end)
+                except Exception as internal:
+                    internal_error("wrapper.diagnose", internal)
+                rt.record_query(q)
+            except Exception as internal:
+                internal_error("wrapper", internal)
+            raise
+        try:
             end = perf_counter()
             q.duration = end - start
             state.queries += 1
             state.last_used = end
-            q.error = exc
-            try:
-                q.diagnosis = diagnosis = diagnose(exc, state, info, ctx, rs, q.idle)
-                if state.broken is None and diagnosis.error_class in CONNECTION_BROKEN:
-                    state.broken = (diagnosis.code, end)
-            except Exception as internal:
-                internal_error("wrapper.diagnose", internal)
             rt.record_query(q)
-            raise
-        end = perf_counter()
-        q.duration = end - start
-        state.queries += 1
-        state.last_used = end
-        rt.record_query(q)
+        except Exception as internal:
+            internal_error("wrapper", internal)
         return result
 
 

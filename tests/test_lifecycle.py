@@ -140,6 +140,41 @@ def test_thread_that_ends_without_closing_is_abandoned(events):
     assert closed[0]["connection_thread"].startswith("Thread-")
 
 
+@pytest.mark.parametrize("alias", ["default", "mysql"])
+def test_state_of_ended_threads_is_released_whatever_the_driver(alias, events):
+    """Short-lived threads that query and end without closing: their connections are
+    reported ``abandoned``, the open gauge comes back to where it was, and their states
+    (with their ThreadInfo) are freed, on SQLite too, whose connections cannot be
+    weak-referenced (conndiag then watches the DatabaseWrapper)."""
+    import weakref
+
+    from prometheus_client import REGISTRY
+
+    vendor = connections[alias].vendor
+    labels = {"alias": alias, "vendor": vendor}
+    gc.collect()
+    report_abandoned()
+    open_before = REGISTRY.get_sample_value("conndiag_connections_open", labels) or 0.0
+    states: list[weakref.ref[object]] = []
+
+    def work() -> None:
+        Item.objects.using(alias).count()
+        states.append(weakref.ref(state_of(connections[alias])))
+
+    for _ in range(20):
+        t = threading.Thread(target=work)
+        t.start()
+        t.join()
+    del t
+    gc.collect()
+    report_abandoned()
+    reasons = [e["reason"] for e in of(events, "conndiag.connection.closed")]
+    assert reasons.count("abandoned") == 20
+    assert REGISTRY.get_sample_value("conndiag_connections_open", labels) == open_before
+    assert len(states) == 20
+    assert [ref() for ref in states if ref() is not None] == []
+
+
 def test_connect_failure_is_reported(events):
     """A refused connect (nothing listens on the port) emits ``conndiag.connection.failed``."""
     from django.db import OperationalError
