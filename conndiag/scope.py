@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 #: Key under which the scope is left in the WSGI environ / ASGI scope for the middleware.
 CARRIER_KEY = "conndiag.request"
 
-_current: ContextVar[RequestScope | None] = ContextVar("conndiag_request", default=None)
+_current: ContextVar[RequestScope | None] = threads.request_var
 
 _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:@/+=-]{1,128}$")
 _UNSAFE_RE = re.compile(r"[\x00-\x1f\x7f-\x9f\\\"]")
@@ -151,15 +151,21 @@ def on_request_started(
 
 @guard("scope.request_finished")
 def on_request_finished(sender: object, **kwargs: Any) -> None:
-    """``request_finished`` receiver: the request served on this thread is over."""
-    info = threads.current()
-    rs = info.scope
-    info.scope = None
+    """``request_finished`` receiver: the request whose response just closed is over.
+
+    That request is the one in the context (the handler sends the signal from the
+    request's own context): not necessarily the last one started on this thread, since
+    Django 3.2's ASGI handler runs every request's sync code on one shared thread.
+    """
     in_context = _current.get()
-    if rs is None:
-        rs = in_context
+    rs = in_context
+    if rs is None or rs.finished is not None:
+        rs = threads.current().scope
     if rs is not None:
         rs.finish()
+        owner = rs.thread
+        if owner.scope is rs:
+            owner.scope = None
     if in_context is not None:
         _current.set(None)
 

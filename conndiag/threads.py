@@ -14,6 +14,7 @@ import functools
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from .contain import guard
@@ -24,6 +25,10 @@ if TYPE_CHECKING:
 _T = TypeVar("_T")
 
 _local = threading.local()
+
+#: the request scope of the current context: set by :mod:`conndiag.scope` (which owns it),
+#: defined here so hand-offs can read it without importing that module
+request_var: ContextVar[RequestScope | None] = ContextVar("conndiag_request", default=None)
 
 
 class ThreadInfo:
@@ -67,6 +72,11 @@ class ThreadInfo:
         """The request that work handed off from this thread now would belong to."""
         if self.allow_depth:
             return None
+        # The context knows which request is running when several share this thread
+        # (Django 3.2's ASGI handler runs every request's sync code on one thread).
+        rs = request_var.get()
+        if rs is not None and rs.thread is self and rs.finished is None:
+            return rs
         return self.scope or self.task_origin or self.origin
 
     def describe(self) -> str:
@@ -106,9 +116,7 @@ def _mark_origin(thread: threading.Thread) -> None:
         origin = info.handed_off_origin()
         if origin is None:
             # A thread started from async code: the request lives in the context.
-            from .scope import current_scope
-
-            origin = current_scope()
+            origin = request_var.get()
         if origin is not None:
             thread._conndiag_origin = origin  # type: ignore[attr-defined]
 

@@ -190,6 +190,49 @@ def test_thread_started_from_async_to_sync_code_is_still_detached(alias, events)
     assert outcome == ["refused:detached"]
 
 
+async def _overlapping_asgi_requests(alias: str) -> tuple[tuple[int, bytes], tuple[int, bytes]]:
+    """Request A starts, then B; A finishes while B is still in its view; then B writes
+    through ``asyncio.to_thread``. Returns both responses."""
+    import asyncio
+
+    from tests.testapp import views
+
+    views.GATES.update(a=asyncio.Event(), b=asyncio.Event())
+    views.ENTERED.clear()
+
+    async def entered(name: str) -> None:
+        for _ in range(1000):
+            if name in views.ENTERED:
+                return
+            await asyncio.sleep(0.01)
+        raise AssertionError(f"request {name} never reached its view")
+
+    try:
+        a = asyncio.ensure_future(asgi_get("/gate/", f"gate=a&db={alias}"))
+        await entered("a")
+        b = asyncio.ensure_future(asgi_get("/gate/", f"gate=b&write=1&db={alias}"))
+        await entered("b")
+        views.GATES["a"].set()
+        first = await a  # A's request_finished has run: the communicator waited for the app
+        views.GATES["b"].set()
+        return first, await b
+    finally:
+        views.GATES.clear()
+
+
+def test_overlapping_asgi_requests_finish_only_themselves(alias, events):
+    """Concurrent ASGI requests (Django 3.2 runs every request's sync code, signals included,
+    on one shared thread): a request finishing marks only itself finished, so a request that
+    is still running keeps its ``to_thread`` work ``cross_thread``, never ``detached``."""
+    first, second = async_to_sync(_overlapping_asgi_requests)(alias)
+    assert first == (200, b'{"thread": "none"}')
+    assert second == (200, b'{"thread": "ok"}')
+    assert not of(events, "conndiag.query.refused")
+    (flagged,) = of(events, "conndiag.query.flagged")
+    assert flagged["context"] == "cross_thread"
+    assert flagged["request_returned_s"] is None  # B was live when it wrote
+
+
 def test_management_command_and_migrations_are_background(events):
     """Management commands (here ``migrate``, which queries) are ``background``."""
     call_command("migrate", verbosity=0, database="default")

@@ -113,3 +113,21 @@ def test_uninstall_keeps_patches_installed_after_ours():
         threading.Thread.start = ours_start  # type: ignore[method-assign]
         ThreadPoolExecutor.submit = ours_submit  # type: ignore[method-assign]
         threads.install_tracking()
+
+
+def test_hand_off_names_the_request_of_the_context_on_a_shared_thread():
+    """Two live requests on one thread (Django 3.2's ASGI sync thread): work handed off while
+    request A's code runs belongs to A (the context's request), not to B, the last started."""
+    from conndiag import scope
+
+    me = threads.current()
+    a, b = RequestScope(me), RequestScope(me)
+    me.scope = b
+    token = scope.enter(a)
+    try:
+        assert me.handed_off_origin() is a
+        a.finish()
+        assert me.handed_off_origin() is b  # a finished request is never handed on
+    finally:
+        scope.leave(token)
+        me.scope = None

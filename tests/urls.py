@@ -10,6 +10,7 @@ urlpatterns = [
     path("async/", views.async_view, name="async"),
     path("async-to-thread/", views.async_to_thread_view, name="async-to-thread"),
     path("sync-awaits-to-thread/", views.sync_awaits_to_thread_view, name="sync-awaits-to-thread"),
+    path("gate/", views.gate_view, name="gate"),
     path("nothing/", views.nothing_view, name="nothing"),
     path("bench/", views.bench_view, name="bench"),
     path("", include("conndiag.urls")),

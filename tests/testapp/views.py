@@ -95,6 +95,23 @@ def sync_awaits_to_thread_view(request: HttpRequest) -> HttpResponse:
     return JsonResponse({"threads": async_to_sync(work)()})
 
 
+#: asyncio.Events a test creates: ``gate_view`` waits on ``GATES[?gate=]`` after noting its
+#: name in ENTERED (the test then knows the request is in its view)
+GATES: dict[str, asyncio.Event] = {}
+ENTERED: list[str] = []
+
+
+async def gate_view(request: HttpRequest) -> HttpResponse:
+    """Waits at its gate, then (``?write=1``) writes through ``asyncio.to_thread``."""
+    name = request.GET["gate"]
+    ENTERED.append(name)
+    await GATES[name].wait()
+    result = "none"
+    if request.GET.get("write"):
+        result = await asyncio.to_thread(_write, _alias(request))
+    return JsonResponse({"thread": result})
+
+
 def nothing_view(request: HttpRequest) -> HttpResponse:
     if START_HOOK is not None:
         START_HOOK()
