@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from . import process
+from . import process, threads
 from . import scope as _scope
 
 if TYPE_CHECKING:
@@ -34,6 +34,7 @@ FORKED = "forked"
 BACKGROUND = "background"
 
 _current_scope = _scope.current_scope
+_hatch_var = threads.hatch_var
 
 
 def classify(state: ConnState | None, info: ThreadInfo) -> tuple[str, RequestScope | None]:
@@ -43,7 +44,7 @@ def classify(state: ConnState | None, info: ThreadInfo) -> tuple[str, RequestSco
     """
     if state is not None and state.pid != process._pid:
         return FORKED, info.scope or _current_scope()
-    if info.allow_depth:
+    if info.allow_depth or (_hatch_var.get() is not None and threads.allowed(info)):
         return BACKGROUND, None
     origin = info.task_origin or info.origin
     if origin is not None:

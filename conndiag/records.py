@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
+from .threads import allowed
+
 if TYPE_CHECKING:
     from django.db.backends.base.base import BaseDatabaseWrapper
 
@@ -74,7 +76,7 @@ class Query:
         self.scope = scope
         #: the policy action: ``ignore``, ``log`` or ``raise``
         self.action = action
-        self.allowed = info.allow_depth > 0
+        self.allowed = context == "background" and allowed(info)
         self.sql = sql
         self.params = params
         self.many = many

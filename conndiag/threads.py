@@ -31,6 +31,33 @@ _local = threading.local()
 request_var: ContextVar[RequestScope | None] = ContextVar("conndiag_request", default=None)
 
 
+class AsyncBlock:
+    """An ``async with background_db_work()`` block, in its task's context: it covers the
+    queries of thread ``info`` (where its ORM work runs) while the context holds it."""
+
+    __slots__ = ("depth", "info", "kept", "token")
+
+    def __init__(self, info: ThreadInfo, kept: list[Any]) -> None:
+        self.info = info
+        #: connections the block found open on entry (it leaves them open)
+        self.kept = kept
+        #: nested blocks entered in the same context
+        self.depth = 0
+        self.token: Any = None
+
+
+#: the async escape hatch of the current context, if any (see conndiag/background.py)
+hatch_var: ContextVar[AsyncBlock | None] = ContextVar("conndiag_hatch", default=None)
+
+
+def allowed(info: ThreadInfo) -> bool:
+    """Whether a query on thread ``info`` runs inside :func:`conndiag.background_db_work`."""
+    if info.allow_depth:
+        return True
+    block = hatch_var.get()
+    return block is not None and block.info is info
+
+
 class ThreadInfo:
     """What conndiag knows about one thread. One object per thread, for its whole life."""
 
@@ -70,8 +97,8 @@ class ThreadInfo:
 
     def handed_off_origin(self) -> RequestScope | None:
         """The request that work handed off from this thread now would belong to."""
-        if self.allow_depth:
-            return None
+        # Not covered by an escape hatch entered here: the hatch manages this thread's
+        # connections only (one rule for threads, pools and to_thread; see background.py).
         # The context knows which request is running when several share this thread
         # (Django 3.2's ASGI handler runs every request's sync code on one thread).
         rs = request_var.get()
@@ -166,13 +193,17 @@ def _submit(self: ThreadPoolExecutor, fn: Callable[..., _T], /, *args: Any, **kw
 def _submitting(fn: Callable[..., Any]) -> tuple[ThreadInfo, Callable[..., Any]]:
     """Before ``submit``: the task to submit instead of ``fn`` (it carries the origin)."""
     info = current()
-    # Only the *thread-local* request counts here, and only from a thread that runs no
-    # event loop: work submitted from an event loop (sync_to_async(thread_sensitive=False),
-    # asyncio.to_thread) is awaited by the request and carries it in its context instead
-    # (``cross_thread`` while it is live, ``detached`` once it returned). That includes the
-    # loop thread async_to_sync starts for a sync view: its own task came from the request
-    # thread, but what it hands to an executor the request awaits.
-    origin = None if asyncio._get_running_loop() is not None else info.handed_off_origin()
+    # Work submitted from an event loop that carries a request in its context
+    # (sync_to_async(thread_sensitive=False), asyncio.to_thread) is awaited by that request
+    # and classified from the context (``cross_thread`` while it is live, ``detached`` once
+    # it returned), not from this thread's origin. That includes the loop thread
+    # async_to_sync starts for a sync view: its own task came from the request thread, but
+    # what it hands to an executor the request awaits. Without a request in the context
+    # (async_to_sync in a thread a view started) the thread's origin is handed on.
+    if asyncio._get_running_loop() is not None and request_var.get() is not None:
+        origin = None
+    else:
+        origin = info.handed_off_origin()
     return info, (fn if origin is None else _TaskWithOrigin(fn, origin))
 
 

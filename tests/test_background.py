@@ -135,3 +135,85 @@ def test_one_decorated_function_run_by_many_threads_at_once(events):
     assert results == [True, True, True, True]
     reasons = [e["reason"] for e in of(events, "conndiag.connection.closed")]
     assert "background_work" not in reasons
+
+
+def test_async_function_decorated_runs_its_orm_work_inside_the_hatch(events):
+    """``@background_db_work()`` on an ``async def`` covers the function's awaited ORM work
+    (run by ``sync_to_async``): in a detached thread its queries run, ``background`` and
+    allowed, and the connection it opened is closed when it returns."""
+    from asgiref.sync import async_to_sync, sync_to_async
+
+    @conndiag.background_db_work()
+    async def work() -> int:
+        return await sync_to_async(Item.objects.using("mysql").count)()
+
+    results: list[int] = []
+    _detached_thread(lambda: results.append(async_to_sync(work)()))
+    assert results == [0]
+    queries = of(events, "conndiag.query")
+    assert queries and all(q["context"] == "background" and q["allowed"] for q in queries)
+    assert not of(events, "conndiag.query.refused")
+    assert [e["reason"] for e in of(events, "conndiag.connection.closed")] == ["background_work"]
+
+
+def test_async_with_form(events):
+    """``async with background_db_work():`` in async code works the same way, and nests."""
+    from asgiref.sync import async_to_sync, sync_to_async
+
+    async def work() -> int:
+        async with conndiag.background_db_work():
+            async with conndiag.background_db_work():
+                count = await sync_to_async(Item.objects.using("mysql").count)()
+            return count + await sync_to_async(Item.objects.using("mysql").count)()
+
+    results: list[int] = []
+    _detached_thread(lambda: results.append(async_to_sync(work)()))
+    assert results == [0]
+    assert not of(events, "conndiag.query.refused")
+    assert [e["reason"] for e in of(events, "conndiag.connection.closed")] == ["background_work"]
+
+
+def test_async_hatch_covers_only_its_own_thread_not_to_thread_work(events):
+    """The async hatch covers the ORM work of its sync thread (where ``sync_to_async`` runs
+    it), not work handed to other threads from inside it: one rule with threads and pools."""
+    import asyncio
+
+    from asgiref.sync import async_to_sync
+
+    @conndiag.background_db_work()
+    async def work() -> str:
+        return await asyncio.to_thread(_write_or_refusal)
+
+    results: list[str] = []
+    _detached_thread(lambda: results.append(async_to_sync(work)()))
+    assert results == ["refused:detached"]
+
+
+def _write_or_refusal() -> str:
+    try:
+        Item.objects.using("mysql").count()
+        return "ran"
+    except conndiag.UnsafeQueryError as exc:
+        return f"refused:{exc.context}"
+
+
+def test_work_handed_off_inside_the_hatch_follows_one_rule(events):
+    """Inside a hatch on a thread with a request origin, a ``Thread.start`` and a ``submit``
+    are both ``detached`` (the hatch manages only its own thread's connections); a target
+    wrapped in its own hatch runs as ``background``."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    outcome: dict[str, str] = {}
+
+    def run() -> None:
+        with conndiag.background_db_work():
+            t = threading.Thread(target=lambda: outcome.update(thread=_write_or_refusal()))
+            t.start()
+            t.join()
+            with ThreadPoolExecutor(max_workers=1) as pool:
+                outcome["submit"] = pool.submit(_write_or_refusal).result()
+                wrapped = conndiag.background_db_work()(_write_or_refusal)
+                outcome["wrapped"] = pool.submit(wrapped).result()
+
+    _detached_thread(run)
+    assert outcome == {"thread": "refused:detached", "submit": "refused:detached", "wrapped": "ran"}

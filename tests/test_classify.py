@@ -190,6 +190,33 @@ def test_thread_started_from_async_to_sync_code_is_still_detached(alias, events)
     assert outcome == ["refused:detached"]
 
 
+def test_to_thread_work_of_a_thread_a_view_started_is_detached(alias, events):
+    """``async_to_sync`` + ``asyncio.to_thread`` inside a thread a view started (nothing
+    carries the request in the context there) hands the thread's origin on: ``detached``."""
+    import asyncio
+
+    from asgiref.sync import async_to_sync as a2s
+
+    from tests.testapp import views
+
+    outcome: list[str] = []
+
+    async def work() -> str:
+        return await asyncio.to_thread(views._write, alias)
+
+    def start_thread() -> None:
+        t = threading.Thread(target=lambda: outcome.append(a2s(work)()))
+        t.start()
+        t.join()
+
+    views.START_HOOK = start_thread
+    try:
+        wsgi_get("/nothing/")
+    finally:
+        views.START_HOOK = None
+    assert outcome == ["refused:detached"]
+
+
 async def _overlapping_asgi_requests(alias: str) -> tuple[tuple[int, bytes], tuple[int, bytes]]:
     """Request A starts, then B; A finishes while B is still in its view; then B writes
     through ``asyncio.to_thread``. Returns both responses."""

@@ -51,13 +51,14 @@ def test_executor_task_carries_origin_but_worker_does_not():
         pool.shutdown()
 
 
-def test_escape_hatch_hands_off_no_origin():
-    """Threads started inside background_db_work() are not detached."""
+def test_escape_hatch_still_hands_off_the_origin():
+    """Threads and tasks started inside background_db_work() keep their request origin: the
+    hatch covers (and manages the connections of) its own thread only."""
     me = threads.current()
-    me.scope = RequestScope(me)
+    rs = me.scope = RequestScope(me)
     me.allow_depth = 1
     try:
-        assert me.handed_off_origin() is None
+        assert me.handed_off_origin() is rs
     finally:
         me.scope = None
         me.allow_depth = 0
