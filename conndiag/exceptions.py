@@ -7,6 +7,7 @@ keyword-only facts are restored by :meth:`UnsafeQueryError.__reduce__`.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 #: the facts every :class:`UnsafeQueryError` carries, in ``__init__`` order
@@ -118,3 +119,18 @@ ERRORS_BY_CONTEXT: dict[str, type[UnsafeQueryError]] = {
     "forked": ForkedConnectionError,
     "background": BackgroundQueryError,
 }
+
+
+class UnsafeQueriesFound(ConnDiagError, AssertionError):
+    """A test (or ``conndiag.testing.assert_no_unsafe_queries()`` block) during which conndiag
+    refused or flagged a query. ``events`` are the refused and flagged queries
+    (:class:`conndiag.testing.Event`), the message has each one's full explanation.
+    """
+
+    def __init__(self, message: str, events: Sequence[object] = ()) -> None:
+        super().__init__(message)
+        self.events = tuple(events)
+
+    def __reduce__(self) -> tuple[type[UnsafeQueriesFound], tuple[str, tuple[object, ...]]]:
+        # Picklable with its events (Django's --parallel workers send it to the parent).
+        return (type(self), (str(self), self.events))

@@ -83,6 +83,7 @@ def build(config: Config) -> Runtime:
             recorders.append(factory(config))
         except Exception as exc:
             failed.append((name, exc))
+    recorders.extend(_listeners)
     rt = Runtime(config, recorders)
     for name, error in failed:
         msg = f"conndiag runs without its {name}: {type(error).__name__}: {error}"
@@ -92,6 +93,23 @@ def build(config: Config) -> Runtime:
         unavailable.__cause__ = error
         rt.internal_error(f"{name}.build", unavailable)
     return rt
+
+
+#: recorders that outlive rebuilds: conndiag.testing's, while a test suite watches (else none)
+_listeners: list[Recorder] = []
+
+
+def add_listener(recorder: Recorder) -> None:
+    """Add ``recorder`` to every runtime built from now on (the current one is rebuilt)."""
+    if recorder not in _listeners:
+        _listeners.append(recorder)
+    reset()
+
+
+def remove_listener(recorder: Recorder) -> None:
+    if recorder in _listeners:
+        _listeners.remove(recorder)
+    reset()
 
 
 _runtime: Runtime | None = None
