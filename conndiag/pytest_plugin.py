@@ -129,7 +129,7 @@ class ConnDiagPlugin:
         if watch is None:
             yield
             return
-        self._report_late(watch, f"before {item.nodeid} started")
+        self._report_late(watch, f"before {item.nodeid} started", item)
         owner = watch.begin(item.nodeid, _allowed(item), meta=(item.nodeid, item.location))
         item.stash[_OWNER] = owner
         try:
@@ -176,14 +176,23 @@ class ConnDiagPlugin:
 
     # -- work that outlived its test ------------------------------------------------------
 
-    def _report_late(self, watch: Watch, when: str) -> None:
+    def _report_late(self, watch: Watch, when: str, item: pytest.Item | None) -> None:
+        """Report, as errors of the tests that started it, unsafe work found since they ended.
+
+        Work outside any test is reported on ``item`` (the next test, or the last one).
+        """
         from .testing import report
 
         for owner in watch.late():
             events, more = owner.take()
             if not events:
                 continue
-            nodeid, location = owner.meta or ("conndiag", ("conndiag", None, "conndiag"))
+            if owner.meta is not None:
+                nodeid, location = owner.meta
+            elif item is not None:
+                nodeid, location = item.nodeid, item.location
+            else:
+                continue
             text = report(owner, events, more, hint=HINT, late=when)
             rep = pytest.TestReport(
                 nodeid=nodeid,
@@ -238,7 +247,8 @@ class ConnDiagPlugin:
         from .testing import SESSION_WAIT
 
         watch.settle_all(SESSION_WAIT)
-        self._report_late(watch, "at the end of the session")
+        items = self.session.items if self.session is not None else []
+        self._report_late(watch, "at the end of the session", items[-1] if items else None)
         if self.reported_late and session.exitstatus == pytest.ExitCode.OK:
             session.exitstatus = pytest.ExitCode.TESTS_FAILED
         self.watch = None
