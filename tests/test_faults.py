@@ -229,6 +229,7 @@ COLLABORATORS = [
     ("conndiag.runtime", "Runtime.emit"),
     ("conndiag.runtime", "Runtime.record_query"),
     ("conndiag.runtime", "build"),
+    ("conndiag.metrics", "Metrics.flush_thread"),
 ]
 
 
