@@ -162,7 +162,7 @@ _STRUCTLOG_LEVEL_CACHE_SECONDS = 1.0
 class Backend:
     """Emits conndiag's events to structlog or to stdlib logging, whichever the app uses."""
 
-    __slots__ = ("_sl", "_sl_enabled", "_sl_until", "_std", "names")
+    __slots__ = ("_sl", "_sl_bound", "_sl_enabled", "_sl_until", "_std", "names")
 
     def __init__(self, logger_name: str) -> None:
         #: family -> full logger name (``conndiag.query``)
@@ -170,6 +170,10 @@ class Backend:
         self._std = {family: logging.getLogger(name) for family, name in self.names.items()}
         # One lazy proxy per family: with cache_logger_on_first_use it binds only once.
         self._sl = {family: structlog.get_logger(name) for family, name in self.names.items()}
+        #: (family, level) -> the bound logger's method, once structlog says loggers may be
+        #: cached (``cache_logger_on_first_use``): what the lazy proxy would do, without the
+        #: proxy's ``__getattr__`` and ``bind()`` on every event
+        self._sl_bound: dict[tuple[str, int], Any] = {}
         self._sl_enabled: dict[tuple[str, int], bool] = {}
         self._sl_until = 0.0
 
@@ -187,10 +191,21 @@ class Backend:
             enabled = self._sl_enabled[key] = structlog_level_enabled(self.names[family], level_no)
         return enabled
 
+    def _structlog_method(self, family: str, level_no: int) -> Any:
+        proxy = self._sl[family]
+        if not structlog.get_config()["cache_logger_on_first_use"]:
+            return getattr(proxy, LEVEL_NAMES[level_no])
+        method = getattr(proxy.bind(), LEVEL_NAMES[level_no])
+        self._sl_bound[(family, level_no)] = method
+        return method
+
     def emit(self, family: str, level_no: int, event: str, fields: dict[str, Any]) -> None:
         """Emit ``event`` with ``fields`` (the dict is consumed: the caller built it for this)."""
         if structlog.is_configured():
-            getattr(self._sl[family], LEVEL_NAMES[level_no])(event, **fields)
+            method = self._sl_bound.get((family, level_no))
+            if method is None:
+                method = self._structlog_method(family, level_no)
+            method(event, **fields)
             return
         logger = self._std[family]
         if not logger.isEnabledFor(level_no):

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.benchmark import VARIANTS
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -40,5 +42,7 @@ def test_benchmark_runs_every_variant_and_workload():
     rows = [line for line in out.splitlines() if "(per " in line]
     assert len(rows) == 7, out
     for row in rows:
-        numbers = row.split("   ")[-1].split(", ")
-        assert len(numbers) == 3, row  # overhead of filtered, no-metrics, json-log
+        overheads = row.split("   ")[-1].split(", ")
+        # every variant but bare, in one run: name and signed overhead
+        assert [o.split(" ")[0] for o in overheads] == list(VARIANTS[1:]), row
+        assert all(o.split(" ")[1][0] in "+-" for o in overheads), row
