@@ -103,7 +103,9 @@ class ExecuteWrapper:
                 state.last_used = end
                 q.error = exc
                 try:
-                    q.diagnosis = diagnosis = diagnose(exc, state, info, ctx, rs, q.idle)
+                    q.diagnosis = diagnosis = diagnose(
+                        exc, state, info, ctx, rs, q.idle, in_transaction=db.in_atomic_block
+                    )
                     if state.broken is None and diagnosis.error_class in CONNECTION_BROKEN:
                         state.broken = (diagnosis.code, end)
                 except Exception as internal:

@@ -7,11 +7,16 @@ drops a connection, 0 = off) and ``max_connections``.
 
 from __future__ import annotations
 
+import os
 import threading
+import time
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
-from django.db import connections
+from django.db import DatabaseError, connections, transaction
 
+from conndiag import serverfacts
 from conndiag.lifecycle import report_abandoned
 from conndiag.state import state_of
 from tests.conftest import of
@@ -71,3 +76,150 @@ def test_abandoned_connection_is_reported(events):
     report_abandoned()
     closed = [e for e in of(events, "conndiag.connection.closed") if e["vendor"] == "postgresql"]
     assert [e["reason"] for e in closed] == ["abandoned"]
+
+
+# --- errors: SQLSTATE (psycopg 3 ``sqlstate``, psycopg2 ``pgcode``) -------------------------
+
+
+@pytest.fixture
+def pg_settings() -> Iterator[dict[str, Any]]:
+    """The ``postgres`` alias's settings dict (shared by every thread), restored afterwards."""
+    db = connections["postgres"]
+    sd = db.settings_dict
+    saved = {key: sd.get(key) for key in ("OPTIONS", "USER", "PORT")}
+    db.close()
+    serverfacts.clear_cache()
+    yield sd
+    connections["postgres"].close()
+    sd.update(saved)
+    serverfacts.clear_cache()
+
+
+def _psycopg3() -> bool:
+    return connections["postgres"].Database.__name__ == "psycopg"
+
+
+def _raw_postgres() -> Any:
+    """A driver connection of the test's own, outside Django and conndiag (autocommit)."""
+    db = connections["postgres"]
+    raw = db.Database.connect(
+        host=db.settings_dict["HOST"],
+        port=int(db.settings_dict["PORT"]),
+        user="postgres",
+        dbname=db.settings_dict["NAME"],
+    )
+    raw.autocommit = True
+    return raw
+
+
+def _on_server(sql: str, *params: Any) -> None:
+    raw = _raw_postgres()
+    try:
+        raw.cursor().execute(sql, params or None)
+    finally:
+        raw.close()
+
+
+def _pg_failed(events: list[dict[str, Any]], name: str = "conndiag.query.failed") -> dict[str, Any]:
+    failed = [e for e in of(events, name) if e["vendor"] == "postgresql"]
+    assert failed, [e["event"] for e in events]
+    return failed[0]
+
+
+def test_terminated_connection_is_lost(events, pg_settings):
+    """``pg_terminate_backend`` from another session: the next query fails, classified
+    ``lost`` by its SQLSTATE (57P01 admin_shutdown under psycopg 3; psycopg2 reports no
+    SQLSTATE for it, only that the server closed the connection: 08006)."""
+    Item.objects.using("postgres").count()
+    _on_server("SELECT pg_terminate_backend(%s)", state_of(connections["postgres"]).server_id)
+    time.sleep(0.3)
+    with pytest.raises(DatabaseError):
+        Item.objects.using("postgres").count()
+    failed = _pg_failed(events)
+    assert failed["error_class"] == "lost"
+    if _psycopg3():
+        assert failed["error_code"] == "57P01"
+        assert "terminated the connection" in failed["cause"]
+    else:
+        assert failed["error_code"] == "08006"
+
+
+def test_idle_in_transaction_timeout_is_diagnosed_with_the_probed_value(events, pg_settings):
+    """``idle_in_transaction_session_timeout`` (1 s for this session) ends a transaction left
+    idle: classified (25P03 under psycopg 3), and the cause names the timeout the probe read."""
+    pg_settings["OPTIONS"] = {
+        **pg_settings["OPTIONS"],
+        "options": "-c idle_in_transaction_session_timeout=1000",
+    }
+    with pytest.raises(DatabaseError), transaction.atomic(using="postgres"):
+        Item.objects.using("postgres").count()
+        time.sleep(2.2)
+        Item.objects.using("postgres").count()
+    facts = [e for e in of(events, "conndiag.server.facts") if e["vendor"] == "postgresql"]
+    assert facts and facts[0]["idle_in_transaction_timeout_s"] == 1.0
+    failed = _pg_failed(events)
+    if _psycopg3():
+        assert (failed["error_class"], failed["error_code"]) == ("server_timeout", "25P03")
+    else:
+        assert failed["error_class"] == "lost"
+    assert "idle_in_transaction_session_timeout 1.0 s" in failed["cause"]
+
+
+def test_statement_timeout_is_canceled_not_a_broken_connection(events, pg_settings):
+    """A statement past ``statement_timeout`` is ``canceled`` (57014, both drivers); the
+    connection stays usable and is not marked broken."""
+    pg_settings["OPTIONS"] = {**pg_settings["OPTIONS"], "options": "-c statement_timeout=100"}
+    db = connections["postgres"]
+    with pytest.raises(DatabaseError), db.cursor() as cursor:
+        cursor.execute("SELECT pg_sleep(2)")
+    failed = _pg_failed(events)
+    assert (failed["error_class"], failed["error_code"]) == ("canceled", "57014")
+    assert "statement_timeout" in failed["cause"]
+    assert state_of(db).broken is None
+    assert Item.objects.using("postgres").count() == 0
+
+
+def test_connect_failures_are_classified(events, pg_settings):
+    """Connect failures carry no SQLSTATE (libpq reports them as text): an unknown role is
+    ``access_denied`` (28000), a role at its CONNECTION LIMIT ``too_many_connections``
+    (53300), a closed port ``refused`` (08001)."""
+    role = "conndiag_limited" + os.environ.get("CONNDIAG_TEST_DB_SUFFIX", "")
+    _on_server(
+        f"DO $$BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '{role}') THEN "
+        f"CREATE ROLE {role} LOGIN CONNECTION LIMIT 0; END IF; END$$"
+    )
+    db = connections["postgres"]
+    cases = [("conndiag_no_such_role", None), (role, None), ("postgres", _free_port())]
+    for user, port in cases:
+        pg_settings["USER"] = user
+        if port is not None:
+            pg_settings["PORT"] = str(port)
+        with pytest.raises(DatabaseError):
+            db.ensure_connection()
+    got = [
+        (e["error_class"], e["error_code"])
+        for e in of(events, "conndiag.connection.failed")
+        if e["vendor"] == "postgresql"
+    ]
+    assert got == [
+        ("access_denied", "28000"),
+        ("too_many_connections", "53300"),
+        ("refused", "08001"),
+    ]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_sqlstate_table_uses_known_classes():
+    """Every SQLSTATE maps to a documented error class, and every message fragment stands
+    for a SQLSTATE of the table (so the ``code`` label stays bounded)."""
+    from conndiag.diagnosis import ERROR_CLASSES, LIBPQ_MESSAGES, SQLSTATES
+
+    assert set(SQLSTATES.values()) <= set(ERROR_CLASSES)
+    assert {code for _, code in LIBPQ_MESSAGES} <= set(SQLSTATES)
