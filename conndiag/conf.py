@@ -20,14 +20,17 @@ from django.core.exceptions import ImproperlyConfigured
 #: The query contexts of DESIGN.md, in the order they are documented.
 CONTEXTS = ("request", "cross_thread", "detached", "forked", "background")
 #: What a policy can say about a context.
-ACTIONS = ("raise", "log", "ignore")
+ACTIONS = ("raise", "log", "ignore", "replace")
+#: the contexts an action is limited to: only a connection inherited across fork can be
+#: replaced (dropped unclosed, a fresh one opened before the query)
+ACTION_CONTEXTS: Mapping[str, tuple[str, ...]] = {"replace": ("forked",)}
 LEVELS = ("debug", "info", "warning", "error")
 
 DEFAULT_POLICY: Mapping[str, str] = {
     "request": "ignore",
     "cross_thread": "log",
     "detached": "raise",
-    "forked": "raise",
+    "forked": "replace",
     "background": "ignore",
 }
 
@@ -139,9 +142,10 @@ def _policy(key: str, value: object) -> Mapping[str, str]:
         if context not in CONTEXTS:
             where = f"CONNDIAG[{key!r}]"
             raise _fail(where, context, "one of the contexts " + ", ".join(CONTEXTS))
-        if action not in ACTIONS:
+        allowed = [a for a in ACTIONS if context in ACTION_CONTEXTS.get(a, (context,))]
+        if action not in allowed:
             where = f"CONNDIAG[{key!r}][{context!r}]"
-            raise _fail(where, action, "one of " + ", ".join(ACTIONS))
+            raise _fail(where, action, "one of " + ", ".join(repr(a) for a in allowed))
         merged[context] = action
     return merged
 

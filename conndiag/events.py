@@ -29,7 +29,7 @@ from .logbackend import (
     Backend,
     structlog_level_enabled,
 )
-from .policy import explain
+from .policy import REPLACED_FORKED, explain
 from .records import ACTION_LABELS
 
 if TYPE_CHECKING:
@@ -65,7 +65,9 @@ EVENTS = (
 )
 
 #: close reasons logged at warning level (the others are routine, at info)
-WARN_CLOSE_REASONS = frozenset({"abandoned", "unusable", "health_check_failed", "replaced_stale"})
+WARN_CLOSE_REASONS = frozenset(
+    {"abandoned", "unusable", "health_check_failed", "replaced_stale", "forked"}
+)
 
 DEBUG, INFO, WARNING, ERROR = logging.DEBUG, logging.INFO, logging.WARNING, logging.ERROR
 
@@ -221,6 +223,14 @@ class EventLog:
                 emit(QUERY_FAMILY, ERROR, QUERY_REFUSED, fields)
             else:
                 emit(QUERY_FAMILY, WARNING, QUERY_FLAGGED, fields)
+            return
+        if q.action == "replace":  # a connection inherited across fork was replaced
+            fields = self._query_fields(q)
+            old = q.inherited or q.state
+            fields["message"] = explain(
+                q.context, old.alias, old.vendor, old, q.info, q.scope, REPLACED_FORKED
+            )
+            emit(QUERY_FAMILY, ERROR, QUERY_FLAGGED, fields)
             return
         if not self.query_events_enabled():
             return

@@ -42,8 +42,11 @@ def apply_thread_tracking() -> None:
 def install() -> None:
     """Install conndiag (called from ``AppConfig.ready()``; safe to call again)."""
     conf.get_config()  # a bad CONNDIAG setting fails here, at start-up, naming the key
+    # In the child of a fork, first the locks, then the inherited connections, then the request.
     process.on_fork(runtime.after_fork)
     process.on_fork(lifecycle.after_fork)
+    process.on_fork(scope.after_fork)
+    lifecycle.register_fork_hooks()
     apply_thread_tracking()
     request_started.connect(scope.on_request_started, dispatch_uid=_UID + ".started")
     request_finished.connect(scope.on_request_finished, dispatch_uid=_UID + ".finished")

@@ -6,10 +6,23 @@ and instance-level hooks on ``connect`` (opens and failed connects, which happen
 execute wrapper), ``_close`` (every real close) and Django's two recycling methods, which
 attribute a reason to the close they cause. A raw connection garbage-collected without a
 close is reported as ``abandoned``.
+
+After a fork (see :mod:`conndiag.process`), every connection the parent had open, in every
+thread, belongs to the parent. :func:`after_fork` finds them all through :data:`_open`
+(maintained at connect and close) and makes sure the child never talks on their sockets:
+it keeps each raw connection referenced for the life of the process (a driver's dealloc
+sends ``COM_QUIT`` / Terminate, which would break the parent's session) and points the
+child's copy of the socket descriptor at ``/dev/null``, so even a close, or the interpreter's
+teardown at exit, reaches nobody. Forks made by Python also pin them *before* the fork
+(:func:`_before_fork`): Python clears the other threads' thread-locals in the child before
+any after-fork hook runs. In-memory SQLite is memory the fork copied, not a shared socket:
+such connections are the child's own (:attr:`ConnState.private`).
 """
 
 from __future__ import annotations
 
+import os
+import stat
 import time
 import weakref
 from collections import deque
@@ -17,6 +30,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 from . import process, runtime, serverfacts, threads
 from .classify import classify
+from .conf import get_config
 from .contain import guard
 from .diagnosis import diagnose
 from .policy import refusal
@@ -43,6 +57,7 @@ CLOSE_REASONS = (
     "explicit",  # connection.close() / connections.close_all() by the application
     "background_work",  # closed by conndiag.background_db_work() on exit
     "replaced_stale",  # replaced by conndiag before a query (REPLACE_STALE)
+    "forked",  # inherited across fork(): dropped by the child without closing it
     "abandoned",  # garbage-collected without being closed (its thread ended, or leaked)
 )
 
@@ -61,6 +76,9 @@ def install(db: BaseDatabaseWrapper) -> None:
     _hook(db, "close_if_unusable_or_obsolete", _close_if_unusable_or_obsolete)
     if hasattr(db, "close_if_health_check_failed"):  # Django 4.1+
         _hook(db, "close_if_health_check_failed", _close_if_health_check_failed)
+    from .forked import set_autocommit_hook
+
+    _hook(db, "_set_autocommit", set_autocommit_hook)
 
 
 def _hook(db: BaseDatabaseWrapper, name: str, hook: Callable[..., Any]) -> None:
@@ -128,6 +146,7 @@ def _opened(db: BaseDatabaseWrapper, opening: _Opening) -> None:
     state.connecting = False  # first: whatever fails below, its queries are seen
     state.connected(db)
     db.__dict__[_FINALIZER_ATTR] = _watch(db, state)
+    _open[state] = weakref.ref(db)
     rt.emit("connection_opened", state, info)
 
 
@@ -175,6 +194,7 @@ def mark_closed(db: BaseDatabaseWrapper, state: ConnState, reason: str) -> None:
         return
     state.closed = True
     state.close_reason = reason
+    _open.pop(state, None)
     finalizer = db.__dict__.pop(_FINALIZER_ATTR, None)
     if finalizer is not None:
         finalizer.detach()
@@ -264,6 +284,9 @@ def _close_if_health_check_failed(db: BaseDatabaseWrapper, original: Callable[[]
     ):
         original()
         return
+    from .forked import before_use
+
+    before_use(db, "(health check)")  # a ping on an inherited connection: replace it first
     db.__dict__[_REASON_ATTR] = "health_check_failed"
     try:
         original()
@@ -289,37 +312,174 @@ def report_abandoned() -> None:
             state = pending_abandoned.popleft()
         except IndexError:  # another thread took the last one
             return
-        if state.closed:
-            continue
+        _open.pop(state, None)
+        if state.closed or state.pid != process._pid:
+            continue  # closed already, or the parent's (collected here after a fork)
         state.closed = True
         state.close_reason = "abandoned"
         runtime.get().emit("connection_closed", state, "abandoned")
 
 
 def discard_inherited(db: BaseDatabaseWrapper) -> bool:
-    """Drop a connection inherited across ``fork()`` without closing it.
+    """Drop a connection inherited across ``fork()`` without closing it; report it.
 
     Closing (or garbage-collecting) it would send COM_QUIT on the socket the parent still
-    uses, so the raw connection is kept referenced for the life of this process.
+    uses, so the raw connection stays referenced for the life of this process. Outside a
+    transaction the wrapper forgets it (the next query connects); inside an atomic block it
+    is marked the way Django marks a connection closed in a transaction (the block rolls
+    back, and the wrapper forgets it when the outermost block exits). Returns whether it
+    was inherited.
     """
     state: ConnState | None = db.__dict__.get(STATE_ATTR)
-    if db.connection is None or state is None or state.pid == process.pid():
+    raw = db.connection
+    if raw is None or state is None or state.pid == process.pid():
         return False
-    _inherited.append(db.connection)
+    _keep(raw)
+    _open.pop(state, None)
     finalizer = db.__dict__.pop(_FINALIZER_ATTR, None)
     if finalizer is not None:
         finalizer.detach()
-    db.connection = None
     db.__dict__[STATE_ATTR] = None
+    if db.in_atomic_block:
+        db.closed_in_transaction = True
+        db.needs_rollback = True
+    else:
+        db.connection = None
+    if not state.closed:
+        state.closed = True
+        state.close_reason = "forked"
+        _report_dropped(state)
     return True
 
 
-_inherited: list[Any] = []
+@guard("lifecycle.forked")
+def _report_dropped(state: ConnState) -> None:
+    """A ``connection_closed`` record, reason ``forked``: dropped, not closed."""
+    runtime.get().emit("connection_closed", state, "forked")
+
+
+def reopen(db: BaseDatabaseWrapper, q: Query, cursor: Any) -> ConnState:
+    """Connect ``db`` again (its connection was just dropped or closed) for the query ``q``.
+
+    ``cursor`` is the Django cursor wrapper the query runs on: it is pointed at a raw cursor
+    of the new connection. Returns the state to count the query on (the new one). A failed
+    reconnect propagates: it is the application's database error, already reported
+    (``conndiag.connection.failed``) with its own diagnosis.
+    """
+    db.ensure_connection()
+    with db.wrap_database_errors:
+        cursor.cursor = db.create_cursor()
+    new_state: ConnState | None = db.__dict__.get(STATE_ATTR)
+    if new_state is None:  # conndiag's connect hook failed (contained): keep counting here
+        return q.state
+    q.state = new_state
+    return new_state
+
+
+def _keep(raw: Any) -> None:
+    _inherited[id(raw)] = raw
+
+
+def _neuter(raw: Any) -> None:
+    """Point this process's descriptor of ``raw``'s socket at ``/dev/null``.
+
+    The parent's descriptor (and the server session) are untouched; in this process a
+    query on it fails at once (end of file: "lost connection") instead of reading the
+    parent's results, and a close, or a dealloc at exit, sends its goodbye nowhere. Only a
+    descriptor that is a socket is touched.
+    """
+    try:
+        fd = raw.fileno()
+    except Exception:  # closed, or a driver without fileno(): nothing to neuter
+        return
+    if not isinstance(fd, int) or fd < 0:
+        return
+    try:
+        if not stat.S_ISSOCK(os.fstat(fd).st_mode):
+            return
+        devnull = os.open(os.devnull, os.O_RDWR)
+        try:
+            os.dup2(devnull, fd, inheritable=False)
+        finally:
+            os.close(devnull)
+    except OSError:
+        return
+
+
+def _before_fork() -> None:
+    """``os.register_at_fork(before=...)``: hold every open connection while Python forks.
+
+    In the child, Python clears the other threads' states (and their thread-locals, which
+    hold their DatabaseWrappers) before any after-fork hook runs; these references keep
+    their raw connections alive until :func:`after_fork` takes them over.
+    """
+    held = []
+    for ref in list(_open.values()):
+        db = ref()
+        if db is not None and db.connection is not None:
+            held.append(db.connection)
+    _held_at_fork[:] = held
+
+
+def _after_fork_in_parent() -> None:
+    _held_at_fork.clear()
+
+
+_fork_hooks_registered = False
+
+
+def register_fork_hooks() -> None:
+    """Register :func:`_before_fork` (idempotent; :mod:`conndiag.install` calls it)."""
+    global _fork_hooks_registered
+    if not _fork_hooks_registered:
+        _fork_hooks_registered = True
+        os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent)
+
+
+def _neuter_inherited() -> bool:
+    """Whether the policy lets no query run on an inherited connection (so none may)."""
+    rt = runtime._runtime
+    policy = rt.policy if rt is not None else get_config().policy
+    return policy["forked"] in ("replace", "raise")
+
+
+#: id -> raw connection inherited across fork, referenced for the life of this process
+_inherited: dict[int, Any] = {}
+#: raw connections held by :func:`_before_fork` while Python forks
+_held_at_fork: list[Any] = []
+#: every connection open in this process (weakly: a thread's end still abandons its own)
+_open: dict[ConnState, weakref.ref[BaseDatabaseWrapper]] = {}
 #: states of connections garbage-collected without a close, not reported yet
 pending_abandoned: deque[ConnState] = deque()
 
 
 def after_fork() -> None:
-    """:func:`conndiag.process.on_fork` callback: the queue of abandoned connections is the
-    parent's (it reports them); the child starts with an empty one."""
+    """:func:`conndiag.process.on_fork` callback, in the child (plain state only, no locks).
+
+    The abandoned-connection queue is the parent's (it reports them). Every connection the
+    parent had open, whichever thread opened it, is kept referenced and, unless the policy
+    lets queries use it, its socket descriptor is pointed at /dev/null; in-memory SQLite
+    connections become this process's own.
+    """
     pending_abandoned.clear()
+    pid = process._getpid()
+    neuter = _neuter_inherited()
+    for state, ref in list(_open.copy().items()):
+        db = ref()
+        if state.private:
+            if db is None:
+                _open.pop(state, None)
+            else:
+                state.pid = pid  # the fork copied it: a private copy, not a shared socket
+            continue
+        _open.pop(state, None)
+        raw = None if db is None else db.connection
+        if raw is not None and db is not None and db.__dict__.get(STATE_ATTR) is state:
+            _keep(raw)
+            if neuter:
+                _neuter(raw)
+    for raw in _held_at_fork:
+        _keep(raw)
+        if neuter:
+            _neuter(raw)
+    _held_at_fork.clear()

@@ -40,10 +40,25 @@ WHY_FORKED = (
     "for the parent too."
 )
 FIX_FORKED = (
-    "Fix: open no connection before the server forks (no queries at import time or in "
-    "AppConfig.ready()), set uWSGI lazy-apps = true or drop gunicorn --preload. In a child "
-    "you fork on purpose, do the database work inside conndiag.background_db_work(), "
-    "which drops inherited connections without closing them."
+    "Fix: open no connection before the server forks (no queries at import time, in "
+    "AppConfig.ready() or in the WSGI module), or set uWSGI lazy-apps = true / drop gunicorn "
+    "--preload so each worker loads the application itself. Code that forks on purpose "
+    "(multiprocessing, os.fork()) calls django.db.connections.close_all() in the parent "
+    "before forking."
+)
+DROPPED_FORKED = (
+    "conndiag dropped it without closing it (its socket is the parent's): the next query "
+    "opens a connection of this process."
+)
+REPLACED_FORKED = (
+    "conndiag replaced it: dropped it without closing it (its socket is the parent's) and "
+    "ran the query on a new connection of this process, so nothing broke and no rows "
+    "crossed, but the server configuration should still be fixed."
+)
+IN_TRANSACTION_FORKED = (
+    "It is inside a transaction (atomic block): a new connection would silently lose the "
+    "transaction's earlier work, so the query is refused; the block rolls back, and the "
+    "first query after it opens a connection of this process."
 )
 WHY_CROSS_THREAD = (
     "It runs inside the request's context but not on the request thread "
@@ -74,8 +89,12 @@ def explain(
     state: ConnState | None,
     info: ThreadInfo,
     rs: RequestScope | None,
+    note: str = "",
 ) -> str:
-    """The plain-words account of a query in ``context`` (used in errors and warnings)."""
+    """The plain-words account of a query in ``context`` (used in errors and warnings).
+
+    ``note`` says what conndiag did about it, when that is more than the policy's word.
+    """
     where = (
         f"a query on database {alias!r} ({vendor}) from thread {info.describe()} "
         f"in process {process.pid()}"
@@ -84,7 +103,12 @@ def explain(
     conn = describe_connection(state)
     if context == "forked":
         opener = state.pid if state is not None else "another process"
-        return f"{where} uses a connection that process {opener} opened. {WHY_FORKED} {FIX_FORKED}"
+        sid = f" (server id {state.server_id})" if state is not None and state.server_id else ""
+        note = note or DROPPED_FORKED
+        return (
+            f"{where} uses a connection{sid} that process {opener} opened. {WHY_FORKED} "
+            f"{note} {FIX_FORKED}"
+        )
     if context == "detached":
         return (
             f"{where}: this work was {origin}, and runs outside that request's thread, "
@@ -102,9 +126,10 @@ def refusal(
     state: ConnState | None,
     info: ThreadInfo,
     rs: RequestScope | None,
+    note: str = "",
 ) -> UnsafeQueryError:
     """The exception to raise for a refused query, carrying the facts as attributes."""
-    msg = "conndiag refused " + explain(context, alias, vendor, state, info, rs)
+    msg = "conndiag refused " + explain(context, alias, vendor, state, info, rs, note)
     cls = ERRORS_BY_CONTEXT[context]
     return cls(
         msg,

@@ -22,6 +22,8 @@ import os
 import threading
 from typing import TYPE_CHECKING
 
+from .contain import internal_error
+
 if TYPE_CHECKING:
     from collections.abc import Callable
 
@@ -77,13 +79,8 @@ def _forked(current: int) -> None:
 
 
 def _report(errors: list[tuple[str, Exception]]) -> None:
-    from . import runtime  # late: the runtime depends on this module, not the reverse
-
-    rt = runtime._runtime
-    if rt is None:
-        return
     for name, exc in errors:
-        rt.internal_error(f"process.on_fork.{name}", exc)
+        internal_error(f"process.on_fork.{name}", exc)
 
 
 def on_fork(callback: Callable[[], None]) -> None:

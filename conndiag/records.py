@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from .threads import ThreadInfo
 
 #: what conndiag did about a query, by policy action (the metrics' ``action`` label)
-ACTION_LABELS = {"ignore": "observed", "log": "logged", "raise": "raised"}
+ACTION_LABELS = {"ignore": "observed", "log": "logged", "raise": "raised", "replace": "replaced"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +49,7 @@ class Query:
         "error",
         "idle",
         "info",
+        "inherited",
         "many",
         "params",
         "scope",
@@ -86,6 +87,8 @@ class Query:
         self.duration: float | None = None
         self.error: BaseException | None = None
         self.diagnosis: Diagnosis | None = None
+        #: the connection inherited across fork this query's connection replaced, if any
+        self.inherited: ConnState | None = None
 
 
 class Recorder(Protocol):

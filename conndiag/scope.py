@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import random
 import re
+import threading
 import time
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
@@ -180,4 +181,22 @@ def leave(token: Any) -> None:
         _current.reset(token)
     except ValueError:
         # The token was made in another context (the response was finished elsewhere).
+        _current.set(None)
+
+
+def after_fork() -> None:
+    """:func:`conndiag.process.on_fork` callback, in the child, on the thread that noticed.
+
+    A process forked while serving a request (``os.fork()`` or ``multiprocessing`` in a
+    view) does not serve it: the parent answers it, and nothing recycles the child's
+    connections. The child's work keeps that request as its *origin*, so its queries are
+    ``detached``. A worker forked by a server (outside any request) starts with none.
+    """
+    info = threads.current()
+    info.native_id = threading.get_native_id()  # the kernel's id of this thread changed
+    rs = info.scope or _current.get()
+    if rs is not None:
+        info.scope = None
+        if info.origin is None:
+            info.origin = rs
         _current.set(None)

@@ -12,8 +12,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from .contain import internal_error
-from .lifecycle import close_with_reason
-from .state import STATE_ATTR
+from .lifecycle import close_with_reason, reopen
 
 if TYPE_CHECKING:
     from django.db.backends.base.base import BaseDatabaseWrapper
@@ -53,11 +52,4 @@ def replace(db: BaseDatabaseWrapper, q: Query, cursor: Any) -> ConnState:
         internal_error("stale.replace", exc)
     if db.connection is not None:  # pragma: no cover - Django drops it even when close fails
         return state
-    db.ensure_connection()
-    with db.wrap_database_errors:
-        cursor.cursor = db.create_cursor()
-    new_state: ConnState | None = db.__dict__.get(STATE_ATTR)
-    if new_state is None:  # conndiag's connect hook failed (contained): keep counting here
-        return state
-    q.state = new_state
-    return new_state
+    return reopen(db, q, cursor)

@@ -47,6 +47,7 @@ class ConnState:
         "opened_by",
         "opened_wall",
         "pid",
+        "private",
         "queries",
         "server_id",
         "vendor",
@@ -62,6 +63,9 @@ class ConnState:
         self.opened_wall = time.time()
         self.opened_by = opened_by
         self.pid = process.pid()
+        #: the connection is memory of this process (in-memory SQLite), not a socket to a
+        #: server: a fork copies it, so the child's copy is the child's own
+        self.private = False
         self.context_opened = context
         self.conn_max_age: float | None = db.settings_dict.get("CONN_MAX_AGE", 0)
         self.health_checks = bool(db.settings_dict.get("CONN_HEALTH_CHECKS", False))
@@ -82,6 +86,8 @@ class ConnState:
         self.open_duration = time.perf_counter() - self.opened
         self.connecting = False
         self.server_id = server_connection_id(db.connection)
+        is_in_memory = getattr(db, "is_in_memory_db", None)  # the SQLite backends
+        self.private = bool(is_in_memory is not None and is_in_memory())
 
     def age(self, now: float | None = None) -> float:
         return (time.perf_counter() if now is None else now) - self.opened

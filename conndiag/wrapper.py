@@ -11,8 +11,8 @@ from __future__ import annotations
 from time import perf_counter
 from typing import TYPE_CHECKING, Any
 
-from . import process, runtime, stale, threads
-from .classify import classify
+from . import forked, process, runtime, stale, threads
+from .classify import FORKED, classify
 from .contain import internal_error
 from .diagnosis import CONNECTION_BROKEN, diagnose
 from .exceptions import ConnDiagError
@@ -50,6 +50,7 @@ class ExecuteWrapper:
             # Not a connection conndiag saw open, or init_connection_state() queries.
             return execute(sql, params, many, context)
         replace = False
+        inherited = False
         # Contained (see conndiag/contain.py): a failure here is reported and the query runs
         # as it would without conndiag. Inline, not a guard: a ``try`` is free, a call is not.
         try:
@@ -76,9 +77,14 @@ class ExecuteWrapper:
                 start - (state.opened if last is None else last),
             )
             if action == "raise":
+                if ctx == FORKED:
+                    forked.refuse(db, q, rt)  # and drop the connection: the next query works
                 rt.record_query(q)
                 raise refusal(ctx, state.alias, state.vendor, state, info, rs)
-            if (
+            if action == "replace":  # forked only (conf allows it nowhere else)
+                forked.check_replaceable(db, q, rt)  # refuses inside a transaction
+                inherited = True
+            elif (
                 state.wait_timeout is not None
                 and q.idle >= state.wait_timeout - rt.config.stale_margin
             ):
@@ -88,7 +94,12 @@ class ExecuteWrapper:
         except Exception as internal:
             internal_error("wrapper", internal)
             return execute(sql, params, many, context)
-        if replace:
+        if inherited:
+            # Outside the containment, like a stale replacement: a failed reconnect is the
+            # application's database error (the inherited connection cannot be used).
+            state = forked.replace(db, q, context["cursor"])
+            start = perf_counter()
+        elif replace:
             # Outside the containment: a failed reconnect is the application's database
             # error (the stale connection was certain to fail anyway).
             state = stale.replace(db, q, context["cursor"])

@@ -3,12 +3,11 @@
 No false alarms: sync views under WSGI (threaded or not), async views with the async ORM
 under ASGI, management commands, the test runner, a worker that serves no requests. True
 alarms: a ``threading.Thread`` started from a view, ``ThreadPoolExecutor.submit`` from a
-view, a thread that keeps running after its response, a connection used after ``fork()``.
+view, a thread that keeps running after its response. (Forks: ``tests/test_fork.py``.)
 """
 
 from __future__ import annotations
 
-import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -290,29 +289,6 @@ def test_worker_process_threads_are_background(alias, events):
     assert results == [0]
     assert contexts(events) == {"background"}
     connections.close_all()
-
-
-def test_connection_used_after_fork_is_refused(alias):
-    """A connection opened before ``os.fork()`` and used in the child raises ``forked``."""
-    Item.objects.using(alias).count()  # open the connection in the parent
-    read, write = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child: never return into pytest
-        code = "ran"
-        try:
-            Item.objects.using(alias).count()
-        except conndiag.ForkedConnectionError as exc:
-            code = f"refused:{exc.context}:{exc.connection_opened_by_pid == os.getppid()}"
-        except BaseException as exc:
-            code = f"error:{type(exc).__name__}"
-        os.write(write, code.encode())
-        os._exit(0)
-    os.close(write)
-    _, status = os.waitpid(pid, 0)
-    answer = os.read(read, 200).decode()
-    os.close(read)
-    assert answer == "refused:forked:True"
-    assert Item.objects.using(alias).count() == 0  # the parent's connection still works
 
 
 def test_classify_directly_covers_each_context():

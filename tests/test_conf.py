@@ -12,13 +12,13 @@ from conndiag import conf
 
 
 def test_defaults_are_safe():
-    """An absent setting gives the documented defaults (detached/forked raise)."""
+    """An absent setting gives the documented defaults (detached raises, forked replaces)."""
     config = conf.parse(None)
     assert config.policy == {
         "request": "ignore",
         "cross_thread": "log",
         "detached": "raise",
-        "forked": "raise",
+        "forked": "replace",
         "background": "ignore",
     }
     assert config.log_sql is False
@@ -30,7 +30,19 @@ def test_policy_is_merged_over_defaults():
     """A partial POLICY overrides only the contexts it names."""
     config = conf.parse({"POLICY": {"detached": "log"}})
     assert config.policy["detached"] == "log"
-    assert config.policy["forked"] == "raise"
+    assert config.policy["forked"] == "replace"
+
+
+def test_replace_is_for_forked_only():
+    """``replace`` is accepted for ``forked``; for another context it is refused at start-up,
+    naming the key and listing what that context allows."""
+    assert conf.parse({"POLICY": {"forked": "raise"}}).policy["forked"] == "raise"
+    assert conf.parse({"POLICY": {"forked": "replace"}}).policy["forked"] == "replace"
+    with pytest.raises(ImproperlyConfigured) as info:
+        conf.parse({"POLICY": {"detached": "replace"}})
+    message = str(info.value)
+    assert "CONNDIAG['POLICY']['detached'] = 'replace'" in message
+    assert "'raise', 'log', 'ignore'" in message and "'replace'" not in message.split("expected")[1]
 
 
 @pytest.mark.parametrize(

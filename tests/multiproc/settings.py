@@ -17,3 +17,15 @@ _db["CONN_MAX_AGE"] = None
 
 DATABASES = {"default": _db}
 ROOT_URLCONF = "tests.multiproc.urls"
+
+if os.environ.get("CONNDIAG_TEST_EVENTS"):
+    # conndiag's events as JSON lines appended to that file by every process (the fork tests
+    # read each worker's pid and the replacement events from it)
+    import structlog
+
+    _events = open(os.environ["CONNDIAG_TEST_EVENTS"], "a", buffering=1)  # noqa: SIM115
+    structlog.configure(
+        processors=[structlog.processors.add_log_level, structlog.processors.JSONRenderer()],
+        logger_factory=structlog.PrintLoggerFactory(file=_events),
+        cache_logger_on_first_use=True,
+    )
