@@ -453,3 +453,33 @@ def test_pid_in_events_is_the_childs_after_a_c_fork(events):
     result = in_child(child, c_fork)
     assert result["pids"] == [result["me"]]
     assert process.pid() == os.getpid()
+
+
+@pytest.mark.parametrize("alias", SERVERS)
+def test_a_failing_recorder_costs_the_childs_replacement_nothing(alias, persistent, monkeypatch):
+    """With the event log raising on every query and close record, the child's query is
+    still replaced and answered on its own connection; the failures are counted."""
+    from conndiag import runtime
+    from conndiag.events import EventLog
+
+    def broken(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("injected")
+
+    monkeypatch.setattr(EventLog, "query", broken)
+    monkeypatch.setattr(EventLog, "connection_closed", broken)
+    echo(alias, "parent")
+    parent_session = server_id(alias)
+
+    def child() -> dict[str, Any]:
+        before = runtime.get().internal_errors
+        return {
+            "echoed": echo(alias, "child"),
+            "session": server_id(alias),
+            "errors": runtime.get().internal_errors - before,
+        }
+
+    result = in_child(child)
+    assert result["echoed"] == "child"
+    assert result["session"] not in (None, parent_session)
+    assert result["errors"] >= 2
+    assert echo(alias, "parent-again") == "parent-again"
