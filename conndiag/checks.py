@@ -31,6 +31,8 @@ from django.core.checks import CheckMessage, Error, Tags, Warning, register
 from django.core.exceptions import ImproperlyConfigured
 
 from . import conf
+from .diagnosis import diagnose
+from .serverfacts import PROBED_VENDORS, read_facts
 
 MIDDLEWARE_PATH = "conndiag.middleware.ConnDiagMiddleware"
 #: apps whose presence means the project is served over ASGI
@@ -256,9 +258,6 @@ def _same_server(alias: str) -> list[str]:
 def database_report(alias: str) -> tuple[dict[str, Any] | None, list[CheckMessage]]:
     """The server facts of ``alias`` and the database check messages about it."""
     from django.db import connections
-
-    from .diagnosis import diagnose
-    from .serverfacts import PROBED_VENDORS, read_facts
 
     db = connections[alias]
     if db.vendor not in PROBED_VENDORS:

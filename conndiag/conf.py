@@ -1,7 +1,7 @@
 """The ``CONNDIAG`` setting, parsed once into a frozen, typed :class:`Config`.
 
 Nothing here runs at import time: :func:`get_config` reads the setting on first use and
-caches the result; the cache is dropped on ``setting_changed`` (see ``apps.py``) so
+caches the result; the cache is dropped on ``setting_changed`` (see ``conndiag/install.py``) so
 ``override_settings`` works. Every bad key or value raises ``ImproperlyConfigured`` naming
 the key, the value and what is allowed.
 """

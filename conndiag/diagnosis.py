@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Any
 
-from . import process
+from . import process, serverfacts
 from .records import Diagnosis
 
 if TYPE_CHECKING:
@@ -307,8 +307,6 @@ def diagnose(
 
 def _facts_for(alias: str | None) -> dict[str, Any] | None:
     """The server facts last learned for ``alias`` (or for the only alias known)."""
-    from . import serverfacts
-
     if alias is not None:
         return serverfacts.cached_facts(alias)
     known = [facts for (_, pid), (_, facts) in serverfacts._cache.items() if pid == process.pid()]

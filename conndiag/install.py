@@ -11,7 +11,7 @@ from django.test.signals import setting_changed
 
 from . import conf, lifecycle, metrics, process, runtime, scope, threads
 from .contain import guard
-from .lifecycle import install as _install_on
+from .wrapper import install as _install_on
 
 #: contained: a failure leaves that connection unobserved, never unusable
 install_on = guard("lifecycle.install")(_install_on)
@@ -42,6 +42,7 @@ def apply_thread_tracking() -> None:
 def install() -> None:
     """Install conndiag (called from ``AppConfig.ready()``; safe to call again)."""
     conf.get_config()  # a bad CONNDIAG setting fails here, at start-up, naming the key
+    metrics.before_flush(lifecycle.report_abandoned)
     # In the child of a fork, first the locks, then the inherited connections, then the request.
     process.on_fork(runtime.after_fork)
     process.on_fork(lifecycle.after_fork)

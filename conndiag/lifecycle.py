@@ -63,11 +63,10 @@ CLOSE_REASONS = (
 
 
 def install(db: BaseDatabaseWrapper) -> None:
-    """Install conndiag on one DatabaseWrapper (idempotent)."""
-    from .wrapper import EXECUTE_WRAPPER
+    """Install the lifecycle hooks on one DatabaseWrapper (idempotent).
 
-    if EXECUTE_WRAPPER not in db.execute_wrappers:
-        db.execute_wrappers.insert(0, EXECUTE_WRAPPER)
+    :func:`conndiag.wrapper.install` adds the execute wrapper too: use that one.
+    """
     if db.__dict__.get(_INSTALLED_ATTR):
         return
     db.__dict__[_INSTALLED_ATTR] = True

@@ -664,14 +664,24 @@ def flush(registry: CollectorRegistry | None = None) -> None:
         metrics.flush()
 
 
-def flush_all_quietly() -> None:
-    """Report abandoned connections and flush every metric set, containing failures."""
-    from .lifecycle import report_abandoned
+#: run before every flush of every set (``conndiag/install.py`` registers
+#: ``lifecycle.report_abandoned``: a flush is a safe point for what garbage collection found)
+_before_flush: list[Callable[[], None]] = []
 
-    try:
-        report_abandoned()  # a safe point for what garbage collection found
-    except Exception as exc:
-        internal_error("lifecycle.report_abandoned", exc)
+
+def before_flush(callback: Callable[[], None]) -> None:
+    """Run ``callback()`` (contained) before each :func:`flush_all_quietly` (idempotent)."""
+    if callback not in _before_flush:
+        _before_flush.append(callback)
+
+
+def flush_all_quietly() -> None:
+    """Run the :func:`before_flush` callbacks and flush every metric set, containing failures."""
+    for callback in list(_before_flush):
+        try:
+            callback()
+        except Exception as exc:
+            internal_error("metrics.before_flush", exc)
     for metrics in list(_sets.values()):
         try:
             metrics.flush()

@@ -14,7 +14,7 @@ from __future__ import annotations
 import threading
 from typing import TYPE_CHECKING, Any
 
-from . import contain
+from . import contain, events, metrics
 from .conf import Config, get_config
 
 if TYPE_CHECKING:
@@ -69,13 +69,9 @@ class RecorderUnavailable(RuntimeError):
 
 
 def build(config: Config) -> Runtime:
-    from .events import EventLog
-
-    factories: list[tuple[str, Callable[[Config], Recorder]]] = [("events", EventLog)]
+    factories: list[tuple[str, Callable[[Config], Recorder]]] = [("events", events.EventLog)]
     if config.metrics:
-        from .metrics import MetricsRecorder
-
-        factories.append(("metrics", MetricsRecorder))
+        factories.append(("metrics", metrics.MetricsRecorder))
     recorders: list[Recorder] = []
     failed: list[tuple[str, Exception]] = []
     for name, factory in factories:

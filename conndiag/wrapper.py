@@ -16,6 +16,7 @@ from .classify import FORKED, classify
 from .contain import internal_error
 from .diagnosis import CONNECTION_BROKEN, diagnose
 from .exceptions import ConnDiagError
+from .lifecycle import install as install_hooks
 from .lifecycle import pending_abandoned, report_abandoned
 from .policy import refusal
 from .records import Query
@@ -23,6 +24,8 @@ from .state import STATE_ATTR
 
 if TYPE_CHECKING:
     from collections.abc import Callable
+
+    from django.db.backends.base.base import BaseDatabaseWrapper
 
 _current_thread = threads.current
 _getpid = process._getpid
@@ -137,3 +140,12 @@ class ExecuteWrapper:
 
 
 EXECUTE_WRAPPER = ExecuteWrapper()
+
+
+def install(db: BaseDatabaseWrapper) -> None:
+    """Install conndiag on one DatabaseWrapper (idempotent): the execute wrapper at index 0
+    of ``execute_wrappers`` (inserted, never appended, so a user's ``with
+    connection.execute_wrapper(...)`` block cannot pop it) and the lifecycle hooks."""
+    if EXECUTE_WRAPPER not in db.execute_wrappers:
+        db.execute_wrappers.insert(0, EXECUTE_WRAPPER)
+    install_hooks(db)
