@@ -9,7 +9,7 @@ from django.db import connections
 from django.db.backends.signals import connection_created
 from django.test.signals import setting_changed
 
-from . import conf, lifecycle, metrics, process, runtime, scope, threads
+from . import conf, forked, lifecycle, metrics, process, runtime, scope, threads
 from .contain import guard
 from .wrapper import install as _install_on
 
@@ -43,6 +43,7 @@ def install() -> None:
     """Install conndiag (called from ``AppConfig.ready()``; safe to call again)."""
     conf.get_config()  # a bad CONNDIAG setting fails here, at start-up, naming the key
     metrics.before_flush(lifecycle.report_abandoned)
+    lifecycle.before_health_check = forked.before_use
     # In the child of a fork, first the locks, then the inherited connections, then the request.
     process.on_fork(runtime.after_fork)
     process.on_fork(lifecycle.after_fork)

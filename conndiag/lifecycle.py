@@ -62,29 +62,29 @@ CLOSE_REASONS = (
 )
 
 
-def install(db: BaseDatabaseWrapper) -> None:
-    """Install the lifecycle hooks on one DatabaseWrapper (idempotent).
+def install(db: BaseDatabaseWrapper) -> bool:
+    """Install the lifecycle hooks on one DatabaseWrapper; False if they were already there.
 
-    :func:`conndiag.wrapper.install` adds the execute wrapper too: use that one.
+    :func:`conndiag.wrapper.install` adds the execute wrapper and the fork hooks too: use
+    that one.
     """
     if db.__dict__.get(_INSTALLED_ATTR):
-        return
+        return False
     db.__dict__[_INSTALLED_ATTR] = True
-    _hook(db, "connect", _connect)
-    _hook(db, "_close", _close)
-    _hook(db, "close_if_unusable_or_obsolete", _close_if_unusable_or_obsolete)
+    hook(db, "connect", _connect)
+    hook(db, "_close", _close)
+    hook(db, "close_if_unusable_or_obsolete", _close_if_unusable_or_obsolete)
     if hasattr(db, "close_if_health_check_failed"):  # Django 4.1+
-        _hook(db, "close_if_health_check_failed", _close_if_health_check_failed)
-    from .forked import set_autocommit_hook
-
-    _hook(db, "_set_autocommit", set_autocommit_hook)
+        hook(db, "close_if_health_check_failed", _close_if_health_check_failed)
+    return True
 
 
-def _hook(db: BaseDatabaseWrapper, name: str, hook: Callable[..., Any]) -> None:
+def hook(db: BaseDatabaseWrapper, name: str, fn: Callable[..., Any]) -> None:
+    """Replace ``db.<name>`` with ``fn(db, original, *args, **kwargs)``."""
     original = getattr(db, name)
 
     def hooked(*args: Any, **kwargs: Any) -> Any:
-        return hook(db, original, *args, **kwargs)
+        return fn(db, original, *args, **kwargs)
 
     hooked.__name__ = name
     hooked.__wrapped__ = original  # type: ignore[attr-defined]
@@ -283,14 +283,19 @@ def _close_if_health_check_failed(db: BaseDatabaseWrapper, original: Callable[[]
     ):
         original()
         return
-    from .forked import before_use
-
-    before_use(db, "(health check)")  # a ping on an inherited connection: replace it first
+    if before_health_check is not None:
+        before_health_check(db, "(health check)")  # an inherited connection: replace it first
     db.__dict__[_REASON_ATTR] = "health_check_failed"
     try:
         original()
     finally:
         db.__dict__.pop(_REASON_ATTR, None)
+
+
+#: called before a health check pings the connection; ``conndiag/install.py`` sets it to
+#: :func:`conndiag.forked.before_use`, which first replaces a connection inherited across
+#: fork (``forked`` sits above this module, so it is handed in rather than imported)
+before_health_check: Callable[[BaseDatabaseWrapper, str], None] | None = None
 
 
 def _collected(state: ConnState) -> None:

@@ -16,8 +16,8 @@ from .classify import FORKED, classify
 from .contain import internal_error
 from .diagnosis import CONNECTION_BROKEN, diagnose
 from .exceptions import ConnDiagError
+from .lifecycle import hook, pending_abandoned, report_abandoned
 from .lifecycle import install as install_hooks
-from .lifecycle import pending_abandoned, report_abandoned
 from .policy import refusal
 from .records import Query
 from .state import STATE_ATTR
@@ -148,4 +148,6 @@ def install(db: BaseDatabaseWrapper) -> None:
     connection.execute_wrapper(...)`` block cannot pop it) and the lifecycle hooks."""
     if EXECUTE_WRAPPER not in db.execute_wrappers:
         db.execute_wrappers.insert(0, EXECUTE_WRAPPER)
-    install_hooks(db)
+    if install_hooks(db):
+        # Beginning a transaction talks to the connection outside any query.
+        hook(db, "_set_autocommit", forked.set_autocommit_hook)
