@@ -65,6 +65,16 @@ def wait_for(
         time.sleep(0.1)
 
 
+def sample(text: str, name: str, **labels: str) -> float | None:
+    """The value of the sample ``name{labels}`` in a Prometheus exposition (labels: exact set)."""
+    wanted = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+    prefix = f"{name}{{{wanted}}} " if labels else f"{name} "
+    for line in text.splitlines():
+        if line.startswith(prefix):
+            return float(line[len(prefix) :])
+    return None
+
+
 def uwsgi_binary() -> str:
     """The ``uwsgi`` of this virtualenv (PyPI package), or :func:`unavailable`."""
     path = Path(sys.executable).with_name("uwsgi")

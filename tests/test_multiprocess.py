@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 
 from tests import servers
-from tests.servers import ROOT, children, wait_for
+from tests.servers import ROOT, children, sample, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.mysql]
 
@@ -41,16 +41,6 @@ def _processlist_count(admin: Any) -> int:
 def _get(url: str) -> bytes:
     with urllib.request.urlopen(url, timeout=10) as response:
         return bytes(response.read())
-
-
-def _sample(text: str, name: str, **labels: str) -> float | None:
-    """The value of the sample ``name{labels}`` in an exposition (labels: exact set)."""
-    wanted = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
-    prefix = f"{name}{{{wanted}}} " if labels else f"{name} "
-    for line in text.splitlines():
-        if line.startswith(prefix):
-            return float(line[len(prefix) :])
-    return None
 
 
 @pytest.fixture
@@ -103,18 +93,18 @@ def test_counters_and_open_gauge_across_gunicorn_workers(
     text = wait_for(
         f"conndiag_queries_total == {REQUESTS}",
         scrape,
-        lambda t: _sample(t, "conndiag_queries_total", **queries) == REQUESTS,
+        lambda t: sample(t, "conndiag_queries_total", **queries) == REQUESTS,
     )
     time.sleep(1.5)  # a flush period later it is still exact: nothing counted twice
     text = scrape()
-    assert _sample(text, "conndiag_queries_total", **queries) == REQUESTS
+    assert sample(text, "conndiag_queries_total", **queries) == REQUESTS
     assert (
-        _sample(text, "conndiag_query_duration_seconds_count", **labels, context="request")
+        sample(text, "conndiag_query_duration_seconds_count", **labels, context="request")
         == REQUESTS
     )
     assert "pid=" not in text
 
-    open_before = _sample(text, "conndiag_connections_open", **labels)
+    open_before = sample(text, "conndiag_connections_open", **labels)
     processes = _processlist_count(database)
     assert processes >= 1
     assert open_before == processes
@@ -125,7 +115,7 @@ def test_counters_and_open_gauge_across_gunicorn_workers(
     def after_kill() -> tuple[float, int, set[int]]:
         text = scrape()
         # no sample at all when no live worker has an open connection any more
-        gauge = _sample(text, "conndiag_connections_open", **labels) or 0.0
+        gauge = sample(text, "conndiag_connections_open", **labels) or 0.0
         return gauge, _processlist_count(database), children(proc.pid)
 
     gauge, processes_after, workers = wait_for(
@@ -135,7 +125,7 @@ def test_counters_and_open_gauge_across_gunicorn_workers(
     )
     assert gauge == processes_after < open_before
     text = scrape()
-    assert _sample(text, "conndiag_queries_total", **queries) == REQUESTS
-    oldest = _sample(text, "conndiag_oldest_connection_opened_timestamp_seconds", **labels)
+    assert sample(text, "conndiag_queries_total", **queries) == REQUESTS
+    oldest = sample(text, "conndiag_oldest_connection_opened_timestamp_seconds", **labels)
     if gauge:
         assert oldest is not None and oldest <= time.time()

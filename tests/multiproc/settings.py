@@ -29,3 +29,9 @@ if os.environ.get("CONNDIAG_TEST_EVENTS"):
         logger_factory=structlog.PrintLoggerFactory(file=_events),
         cache_logger_on_first_use=True,
     )
+
+if os.environ.get("CONNDIAG_TEST_WITHOUT_CONNDIAG"):
+    # the same site without conndiag: the control the fork tests compare with
+    INSTALLED_APPS = [a for a in INSTALLED_APPS if a != "conndiag"]  # noqa: F405
+    MIDDLEWARE = [m for m in MIDDLEWARE if not m.startswith("conndiag.")]  # noqa: F405
+    ROOT_URLCONF = "tests.multiproc.urls_without_conndiag"
