@@ -44,8 +44,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from django.test import runner as django_runner
 
+from . import contain, runtime, threads
 from . import events as event_names
-from . import runtime, threads
 from .conf import CONTEXTS
 from .exceptions import UnsafeQueriesFound
 from .policy import explain
@@ -319,6 +319,16 @@ class _Listener:
     def internal_error(self, component: str, error: BaseException, first: bool) -> None:
         pass
 
+    def __getattr__(self, name: str) -> Callable[..., None]:
+        # A recorder method added to conndiag after this listener: nothing to record.
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return _ignore
+
+
+def _ignore(*args: Any, **kwargs: Any) -> None:
+    pass
+
 
 class _OwnedTask:
     """An executor task that runs as work of the test that submitted it."""
@@ -406,7 +416,7 @@ class Watch:
             try:
                 watch._thread_starting(thread)
             except Exception as exc:
-                runtime.get().internal_error("testing.thread_start", exc)
+                contain.internal_error("testing.thread_start", exc)
             previous_start(thread)
 
         def submit(
@@ -416,7 +426,7 @@ class Watch:
             try:
                 owner = watch.owner_here()
             except Exception as exc:
-                runtime.get().internal_error("testing.submit", exc)
+                contain.internal_error("testing.submit", exc)
             if owner is None:
                 return previous_submit(executor, fn, *args, **kwargs)
             local = watch.local
@@ -466,7 +476,7 @@ class Watch:
                 with self._lock:
                     self._by_request[rs] = owner
         except Exception as exc:
-            runtime.get().internal_error("testing.request_started", exc)
+            contain.internal_error("testing.request_started", exc)
 
     # -- owners ----------------------------------------------------------------------------
 
@@ -635,7 +645,10 @@ def get_watch() -> Watch:
         if watch is not None and watch.pid != os.getpid():
             # Inherited across fork by a process that runs tests itself (a --parallel
             # worker): it attributes to its own tests from now on.
-            runtime.remove_listener(watch.listener)
+            if watch.users > 0:
+                watch.users = 1
+                watch.directory = None  # the parent's, which the parent removes
+                watch.stop()
             watch = None
         if watch is None:
             watch = _watch = Watch()
@@ -767,8 +780,16 @@ def allowed_for(test: object, method_name: str | None) -> frozenset[str]:
 # --- Django's test runner -------------------------------------------------------------------
 
 
-class _WatchedResult(unittest.TestResult):
-    """A result class that fails a test during which conndiag refused or flagged a query."""
+if TYPE_CHECKING:
+    _ResultBase = unittest.TestResult
+else:
+    # A plain mixin: Django 3.2's RemoteTestResult is no unittest.TestResult.
+    _ResultBase = object
+
+
+class _WatchedResult(_ResultBase):
+    """A mixin for result classes: fails a test during which conndiag refused or flagged a
+    query (placed before the result class it extends)."""
 
     HINT = (
         "To allow it on purpose, decorate the test with "
@@ -880,7 +901,8 @@ def watched(result_class: type[unittest.TestResult]) -> type[unittest.TestResult
     cls = _result_classes.get(result_class)
     if cls is None:
         name = "ConnDiag" + result_class.__name__
-        cls = _result_classes[result_class] = type(name, (_WatchedResult, result_class), {})
+        bases = (_WatchedResult, result_class)
+        cls = _result_classes[result_class] = type(name, bases, {})
     return cls
 
 

@@ -15,6 +15,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import django
+
 SITE = Path(__file__).resolve().parent.parent / "demo_site"
 
 
@@ -37,7 +39,11 @@ def test_the_demo_suite_is_green_because_the_plugin_fails_the_broken_endpoints()
     result = _run()
     out = result.stdout
     assert result.returncode == 0, out + result.stderr
-    assert "4 passed, 2 xfailed" in out, out
+    # the demo's async view uses the async ORM: skipped on Django < 4.1
+    expected = (
+        "4 passed, 2 xfailed" if django.VERSION >= (4, 1) else "3 passed, 1 skipped, 2 xfailed"
+    )
+    assert expected in out, out
     assert "XFAIL jobs/tests/test_ops.py::test_trigger_job_in_thread" in out
     assert "XFAIL jobs/tests/test_ops.py::test_trigger_job_in_pool" in out
     assert "PASSED jobs/tests/test_ops.py::test_trigger_job_runs_the_job_in_the_view" in out

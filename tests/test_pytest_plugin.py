@@ -490,3 +490,120 @@ def test_django_runner(
     assert "started by request GET /thread" in err
     assert "@conndiag.testing.allow_unsafe_queries('detached')" in err
     assert "test_safe (djt.test_unit.Fine" in err
+
+
+INPROCESS = """
+import threading
+import time
+
+import pytest
+from django.db import connections
+from django.test import Client
+
+from conndiag import scope
+from tests.testapp.models import Item
+
+
+def test_thread():
+    assert Client().get("/thread/").json() == {"thread": "refused:detached"}
+
+
+def test_pool():
+    assert Client().get("/executor/").json() == {"task": "refused:detached"}
+
+
+def test_safe():
+    assert Client().get("/sync/").status_code == 200
+
+
+@pytest.mark.conndiag_allow
+def test_allowed():
+    Client().get("/thread/")
+
+
+@pytest.mark.conndiag_allow("detached")
+def test_events(conndiag_events):
+    Client().get("/executor/")
+    Client().get("/sync/")
+    assert [e.context for e in conndiag_events.settle().refused] == ["detached"]
+    assert {e.context for e in conndiag_events.named("conndiag.query")} == {"request"}
+    assert conndiag_events.flagged == []
+
+
+def test_fails_by_itself():
+    Client().get("/thread/")
+    assert False, "its own failure"
+
+
+def _late_work():
+    time.sleep(0.3)
+    try:
+        Item.objects.create(name="late")
+    except Exception:
+        pass
+    finally:
+        connections.close_all()
+
+
+def test_leaves_a_thread():
+    scope.on_request_started(None)  # as a view would: start a thread, return
+    try:
+        threading.Thread(target=_late_work, name="late-thread").start()
+    finally:
+        scope.on_request_finished(None)
+
+
+def test_innocent():
+    time.sleep(0.8)
+
+
+def test_last():
+    pass
+"""
+
+
+@pytest.mark.django_db(transaction=True)
+def test_in_this_process(pytester: pytest.Pytester) -> None:
+    """The plugin in a session of this very process (with this suite's Django set up and
+    its views): refused work in a view's thread or pool task fails the test, safe and
+    allowed tests pass, the fixture has the events, a test failing by itself gets conndiag's
+    report as a teardown error, and late work is reported against the test that started it.
+    After the session nothing of the plugin is left on the runtime or on ``Thread.start``."""
+    import threading
+
+    from conndiag import runtime
+
+    start = threading.Thread.start
+    recorders = runtime.get().recorders
+    pytester.makepyfile(test_inproc=INPROCESS)
+    result = pytester.runpytest_inprocess(
+        "-p", "no:django", "-p", "no:cacheprovider", "-o", "conndiag_wait=0.2", "-rA"
+    )
+    outcomes = _outcomes(result)
+    assert outcomes["test_thread"] == "FAILED", outcomes
+    assert outcomes["test_pool"] == "FAILED"
+    assert any(
+        line.startswith("FAILED test_inproc.py::test_fails_by_itself - AssertionError")
+        for line in result.outlines
+    )
+    for name in ("test_safe", "test_allowed", "test_events", "test_innocent", "test_last"):
+        assert outcomes[name] == "PASSED", (name, outcomes)
+    result.stdout.fnmatch_lines(
+        [
+            "*conndiag refused 1 query during test_inproc.py::test_thread: in production*",
+            "*started by request GET /thread/*",
+        ]
+    )
+    errors = [line for line in result.outlines if line.startswith("ERROR ")]
+    assert any("test_fails_by_itself" in line for line in errors), errors
+    assert any("test_leaves_a_thread" in line for line in errors), errors
+    result.stdout.fnmatch_lines(
+        [
+            "*conndiag refused 1 query in work that test_inproc.py::test_leaves_a_thread started"
+            "*found before test_inproc.py::test_last started*",
+        ]
+    )
+    assert threading.Thread.start is start
+    assert runtime.get().recorders == recorders or all(
+        type(r).__name__ != "_Listener" for r in runtime.get().recorders
+    )

@@ -5,16 +5,19 @@ see ``tests/test_pytest_plugin.py`` for it and for the runner under ``--parallel
 
 from __future__ import annotations
 
+import os
 import pickle
 import threading
 import time
+import unittest
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from django.db import connection
 from django.test import Client
 
-from conndiag import runtime
+from conndiag import runtime, scope
 from conndiag.exceptions import ConnDiagError, UnsafeQueriesFound
 from conndiag.testing import (
     ALL_CONTEXTS,
@@ -191,3 +194,90 @@ def test_allow_unsafe_queries_on_a_method_or_a_class():
     with pytest.raises(ValueError, match="allow_unsafe_queries"):
         allow_unsafe_queries("nope")
     assert check_contexts(["forked"], "x") == {"forked"}
+
+
+def test_a_forked_process_reports_its_refusals_to_the_block():
+    """A process forked inside the block, whose view's thread is refused: the child writes the
+    refusal to the watch's directory and the parent's block fails with it (child's pid)."""
+    with pytest.raises(UnsafeQueriesFound) as info:
+        with assert_no_unsafe_queries():
+            with warnings.catch_warnings():
+                # Python 3.12 warns about fork() with threads; the child only runs the request.
+                warnings.simplefilter("ignore", DeprecationWarning)
+                child = os.fork()
+            if child == 0:
+                code = 1
+                try:
+                    ok = Client().get("/thread/").json() == {"thread": "refused:detached"}
+                    code = 0 if ok else 2
+                finally:
+                    os._exit(code)
+            _, status = os.waitpid(child, 0)
+            assert os.waitstatus_to_exitcode(status) == 0
+    [event] = info.value.events
+    assert event.pid == child
+    assert "GET /thread/" in (event.message or "")
+
+
+class _Cases(unittest.TestCase):
+    """Run by DiscoverRunner below, not by pytest."""
+
+    __test__ = False
+
+    def test_a_leaves_a_thread(self) -> None:
+        def late() -> None:
+            time.sleep(0.4)
+            try:
+                connection.cursor().execute("SELECT 1")
+            except Exception:
+                pass
+            finally:
+                connection.close()
+
+        scope.on_request_started(None)  # as a view would: start a thread, return
+        try:
+            threading.Thread(target=late, name="late-thread").start()
+        finally:
+            scope.on_request_finished(None)
+
+    def test_b_innocent(self) -> None:
+        time.sleep(0.8)
+
+    def test_c_refused(self) -> None:
+        assert Client().get("/thread/").json() == {"thread": "refused:detached"}
+
+    @unittest.expectedFailure
+    def test_d_expected(self) -> None:
+        Client().get("/executor/")
+
+    @allow_unsafe_queries("detached")
+    def test_e_allowed(self) -> None:
+        Client().get("/thread/")
+
+    def test_f_safe(self) -> None:
+        assert Client().get("/sync/").status_code == 200
+
+
+def test_discover_runner_fails_refused_tests_and_reports_late_work_against_its_test():
+    """Django's runner, in this process: the refused test fails with the message, an
+    expectedFailure test counts as expected, allowed and safe tests pass, and the refusal in
+    the thread test_a left running is an error of test_a (found when test_c started), not a
+    failure of test_b, which ran while it happened."""
+    from conndiag.testing import DiscoverRunner
+
+    runner = DiscoverRunner(verbosity=0, conndiag_wait=0.2)
+    names = [n for n in dir(_Cases) if n.startswith("test_")]
+    suite = unittest.TestSuite(_Cases(n) for n in names)
+    result = runner.run_suite(suite)
+    assert result.testsRun == 6
+    [(failed, text)] = result.failures
+    assert failed.id().endswith("test_c_refused")
+    assert "conndiag refused 1 query during" in text
+    assert "@conndiag.testing.allow_unsafe_queries('detached')" in text
+    assert len(result.expectedFailures) == 1
+    [(late, late_text)] = result.errors
+    assert late.id().endswith("test_a_leaves_a_thread")
+    assert "still running when it ended (found while" in late_text
+    assert "test_c_refused ran)" in late_text
+    assert "'late-thread'" in late_text
+    assert not result.unexpectedSuccesses
