@@ -128,11 +128,14 @@ class Event:
 
     @property
     def outcome(self) -> str:
-        """``refused``, ``flagged`` or ``ok`` for a query; the event name's end otherwise."""
+        """``refused``, ``flagged``, ``replaced`` (an inherited connection, policy ``replace``:
+        it does not fail a test) or ``ok`` for a query; the event name's end otherwise."""
         if self.action == "raise":
             return "refused"
         if self.action == "log":
             return "flagged"
+        if self.action == "replace":
+            return "replaced"
         return "ok" if self.action is not None else self.name.rsplit(".", 1)[-1]
 
     def to_json(self) -> str:
