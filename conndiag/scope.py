@@ -54,16 +54,29 @@ def clean_path(path: str) -> str:
     return path
 
 
+#: ``_rid_raw`` before the request id header was read
+_UNREAD: Any = object()
+
+
 class RequestScope:
-    """One request, from ``request_started`` to ``request_finished``."""
+    """One request, from ``request_started`` to ``request_finished``.
+
+    The middleware only links the request (:meth:`attach`): its method, path and request id
+    header are read when something first needs them (an event, a refusal's message) or when
+    the request finishes, and cleaned only when read. Most requests log nothing, and then
+    pay for none of it.
+    """
 
     __slots__ = (
         "__weakref__",
+        "_header_key",
+        "_method",
+        "_path",
+        "_raw_path",
         "_request",
         "_request_id",
+        "_rid_raw",
         "finished",
-        "method",
-        "path",
         "started",
         "thread",
         "view",
@@ -74,43 +87,91 @@ class RequestScope:
         self.started = time.perf_counter()
         self.finished: float | None = None
         self._request_id: str | None = None
-        self.method: str | None = None
-        self.path: str | None = None
+        self._rid_raw: Any = _UNREAD
+        self._header_key: str | None = None
+        self._method: str | None = None
+        self._path: str | None = None
+        self._raw_path: str | None = None
         self._request: HttpRequest | None = None
         self.view: str | None = None
+
+    @property
+    def method(self) -> str | None:
+        method = self._method
+        if method is None:
+            request = self._request
+            if request is not None:
+                method = self._method = request.method
+        return method
+
+    @method.setter
+    def method(self, value: str | None) -> None:
+        self._method = value
+
+    @property
+    def path(self) -> str | None:
+        """The request path, safe for a log line (:func:`clean_path`)."""
+        path = self._path
+        if path is None:
+            raw = self._raw_path
+            if raw is None:
+                request = self._request
+                if request is None:
+                    return None
+                raw = request.path
+            path = self._path = clean_path(raw)
+        return path
+
+    @path.setter
+    def path(self, value: str | None) -> None:
+        self._path = value
 
     @property
     def request_id(self) -> str:
         """The request id: the sane incoming header value, or one generated on first use."""
         rid = self._request_id
         if rid is None:
-            # 128 random bits: unique, not secret (random is reseeded after fork).
-            rid = self._request_id = f"{random.getrandbits(128):032x}"
+            raw = self._rid_raw
+            if raw is _UNREAD:
+                request, key = self._request, self._header_key
+                raw = None if request is None or key is None else request.META.get(key)
+            self._rid_raw = None
+            # A missing or hostile value is ignored (an id is generated): never logged raw.
+            rid = None if raw is None else clean_request_id(raw)
+            if rid is None:
+                # 128 random bits: unique, not secret (random is reseeded after fork).
+                rid = f"{random.getrandbits(128):032x}"
+            self._request_id = rid
         return rid
 
     def attach(self, request: HttpRequest, header_meta_key: str | None) -> None:
-        """Fill in what the middleware knows about the request."""
-        self.method = request.method
-        self.path = clean_path(request.path)
+        """Link the request the middleware sees (read lazily, see the class docstring)."""
         self._request = request
-        if header_meta_key is not None:
-            # A missing or hostile value is ignored (an id is generated): never logged raw.
-            rid = clean_request_id(request.META.get(header_meta_key))
-            if rid is not None:
-                self._request_id = rid
+        self._header_key = header_meta_key
 
     def view_name(self) -> str | None:
         """The resolved view (URL name, or the view's dotted path), once it is known."""
-        if self.view is None and self._request is not None:
-            match = getattr(self._request, "resolver_match", None)
+        if self.view is None:
+            request = self._request
+            match = None if request is None else getattr(request, "resolver_match", None)
             if match is not None:
                 self.view = match.view_name or match._func_path
         return self.view
 
     def finish(self) -> None:
         if self.finished is None:
-            self.view_name()
-            self._request = None
+            request = self._request
+            if request is not None:
+                # Keep what later events may need; drop the request itself.
+                self.view_name()
+                if self._method is None:
+                    self._method = request.method
+                if self._path is None:
+                    self._raw_path = request.path
+                key = self._header_key
+                if self._request_id is None and self._rid_raw is _UNREAD and key is not None:
+                    self._rid_raw = request.META.get(key)
+                self._request = None
             self.finished = time.perf_counter()
 
     def returned_ago(self) -> float | None:
