@@ -34,11 +34,12 @@ def install(session: nox.Session, django: str, *groups: str) -> None:
 
 @nox.session(python=MAIN_PYTHON)
 def lint(session: nox.Session) -> None:
-    """ruff (lint + format) and mypy strict."""
+    """ruff (lint + format), mypy strict, and the import layering (import-linter)."""
     install(session, MAIN_DJANGO, "test", "lint")
     session.run("ruff", "check", ".")
     session.run("ruff", "format", "--check", ".")
     session.run("mypy")
+    session.run("lint-imports")  # contracts in pyproject.toml, layers in docs/architecture.md
 
 
 @nox.session(python=MAIN_PYTHON)

@@ -1,4 +1,5 @@
-"""Classify a query into one of the contexts of DESIGN.md, cheaply, on its own thread.
+"""Classify a query into one of the query contexts (README.md, "How it works"), cheaply, on
+its own thread.
 
 | context        | meaning                                                           |
 |----------------|-------------------------------------------------------------------|

@@ -17,7 +17,7 @@ from typing import Any
 
 from django.core.exceptions import ImproperlyConfigured
 
-#: The query contexts of DESIGN.md, in the order they are documented.
+#: The query contexts (README.md, "How it works"), in the order they are documented.
 CONTEXTS = ("request", "cross_thread", "detached", "forked", "background")
 #: What a policy can say about a context.
 ACTIONS = ("raise", "log", "ignore", "replace")

@@ -1,11 +1,12 @@
-"""Connection lifecycle: install conndiag on every DatabaseWrapper, in every thread.
+"""Connection lifecycle: hooks on every DatabaseWrapper, in every thread.
 
-Each wrapper gets, once: the execute wrapper at index 0 of ``execute_wrappers`` (inserted,
-never appended, so a user's ``with connection.execute_wrapper(...)`` block cannot pop it),
-and instance-level hooks on ``connect`` (opens and failed connects, which happen before any
-execute wrapper), ``_close`` (every real close) and Django's two recycling methods, which
-attribute a reason to the close they cause. A raw connection garbage-collected without a
-close is reported as ``abandoned``.
+Each wrapper gets, once (from :func:`conndiag.wrapper.install`, which also inserts the
+execute wrapper), instance-level hooks on ``connect`` (opens and failed connects, which
+happen before any execute wrapper), ``_close`` (every real close) and Django's two
+recycling methods, which attribute a reason to the close they cause. A raw connection
+garbage-collected without a close is reported as ``abandoned`` (for SQLite, whose
+connections cannot be weak-referenced, when its DatabaseWrapper is collected, with its
+thread), and its state is released.
 
 After a fork (see :mod:`conndiag.process`), every connection the parent had open, in every
 thread, belongs to the parent. :func:`after_fork` finds them all through :data:`_open`
