@@ -16,8 +16,11 @@ import sys
 from pathlib import Path
 
 import django
+import pytest
 
 SITE = Path(__file__).resolve().parent.parent / "demo_site"
+# whole pytest sessions, seconds each: once, in the main session
+pytestmark = pytest.mark.slow
 
 
 def _run(*args: str) -> subprocess.CompletedProcess[str]:

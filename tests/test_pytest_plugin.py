@@ -17,6 +17,10 @@ import pytest
 
 pytest_plugins = ["pytester"]
 
+# Whole pytest sessions in subprocesses take seconds each: most are marked slow (run once, in
+# the main session); the matrix keeps the in-process session, Django's runner under
+# --parallel (version-sensitive) and the no-Django check.
+
 SETTINGS = """
 import os
 
@@ -249,6 +253,7 @@ def _expect_main_outcomes(result: pytest.RunResult) -> None:
     assert result.ret == pytest.ExitCode.TESTS_FAILED
 
 
+@pytest.mark.slow
 def test_failing_passing_opted_out_forked_and_unittest(site: pytest.Pytester) -> None:
     """Refused work in a view's thread, a pool task or a forked process's thread fails the
     test (whose own assertion passed) with the full message; safe work, the escape hatch
@@ -259,6 +264,7 @@ def test_failing_passing_opted_out_forked_and_unittest(site: pytest.Pytester) ->
     _expect_main_outcomes(result)
 
 
+@pytest.mark.slow
 def test_under_xdist(site: pytest.Pytester) -> None:
     """The same session with ``-n 2``: each worker watches its own tests."""
     pytest.importorskip("xdist")
@@ -267,6 +273,7 @@ def test_under_xdist(site: pytest.Pytester) -> None:
     _expect_main_outcomes(result)
 
 
+@pytest.mark.slow
 def test_flagged_only(site: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> None:
     """With ``detached`` at ``log`` the query runs (flagged, not refused): the test fails all
     the same, saying "flagged"."""
@@ -296,6 +303,7 @@ def test_flagged_only(site: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) ->
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("xdist", [[], ["-n", "1"]], ids=["plain", "xdist"])
 def test_work_that_outlives_its_test_is_reported_against_it(
     site: pytest.Pytester, xdist: list[str]
@@ -382,6 +390,7 @@ def test_inert_without_django(pytester: pytest.Pytester, monkeypatch: pytest.Mon
     result.assert_outcomes(passed=1)
 
 
+@pytest.mark.slow
 def test_inert_without_conndiag_in_installed_apps(
     site: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -407,6 +416,7 @@ def test_inert_without_conndiag_in_installed_apps(
     result.stdout.fnmatch_lines(["*conndiag_events: the conndiag plugin is inactive here*"])
 
 
+@pytest.mark.slow
 def test_a_typo_in_the_marker_is_a_usage_error(site: pytest.Pytester) -> None:
     """``conndiag_allow("detatched")`` stops the session naming the test and the contexts."""
     site.makepyfile(
@@ -456,7 +466,7 @@ class Fine(TransactionTestCase):
 """
 
 
-@pytest.mark.parametrize("parallel", ["1", "2"])
+@pytest.mark.parametrize("parallel", [pytest.param("1", marks=pytest.mark.slow), "2"])
 def test_django_runner(
     site: pytest.Pytester, parallel: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
