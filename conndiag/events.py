@@ -65,9 +65,10 @@ EVENTS = (
 )
 
 #: close reasons logged at warning level (the others are routine, at info)
-WARN_CLOSE_REASONS = frozenset(
-    {"abandoned", "unusable", "health_check_failed", "replaced_stale", "forked"}
-)
+#: (``forked``, a connection inherited across fork dropped unclosed, is routine: the child
+#: closing what it inherited is what Django's parallel runner, Celery and uWSGI postfork
+#: hooks do; a *use* of one is what is loud: ``conndiag.query.flagged`` / ``.refused``.)
+WARN_CLOSE_REASONS = frozenset({"abandoned", "unusable", "health_check_failed", "replaced_stale"})
 
 DEBUG, INFO, WARNING, ERROR = logging.DEBUG, logging.INFO, logging.WARNING, logging.ERROR
 

@@ -483,3 +483,64 @@ def test_a_failing_recorder_costs_the_childs_replacement_nothing(alias, persiste
     assert result["session"] not in (None, parent_session)
     assert result["errors"] >= 2
     assert echo(alias, "parent-again") == "parent-again"
+
+
+NO_THREAD_AFTER_WORK = """
+import os, sys, threading, warnings
+sys.path.insert(0, os.getcwd())
+os.environ["DJANGO_SETTINGS_MODULE"] = "tests.settings"
+import django
+django.setup()
+from django.db import connections
+from tests.handlers import wsgi_get
+for alias in sys.argv[2:]:
+    with connections[alias].cursor() as cursor:  # queries, connects, server facts, metrics
+        cursor.execute("SELECT 1")
+    wsgi_get("/sync/", f"db={alias}")  # a request: signals, middleware, metrics push
+from conndiag.metrics import flush
+flush()  # what a scrape does
+if sys.argv[1] == "with-a-thread":  # the control: a thread makes fork() warn
+    import time
+    threading.Thread(target=time.sleep, args=(5,), daemon=True).start()
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+os.waitpid(pid, 0)
+print("threads:", threading.active_count())
+print("warnings:", [str(w.message)[:60] for w in caught if "multi-threaded" in str(w.message)])
+"""
+
+
+def test_conndiag_leaves_no_thread_that_makes_fork_warn(tmp_path):
+    """A process that has queried (SQLite and MariaDB), served a request and a scrape, then
+    forks: conndiag started no thread, so Python 3.12+ has nothing to warn about (a suite
+    that turns warnings into errors forks fine)."""
+    import subprocess
+    import sys
+
+    from tests.conftest import unavailable_reason
+
+    aliases = ["default"] + ([] if unavailable_reason("mysql") else ["mysql"])
+    script = tmp_path / "no_thread.py"
+    script.write_text(NO_THREAD_AFTER_WORK)
+
+    def run(control: str) -> list[str]:
+        out = subprocess.run(
+            [sys.executable, str(script), control, *aliases],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+            cwd=os.getcwd(),
+        )
+        assert out.returncode == 0, out.stderr[-3000:]
+        return out.stdout.splitlines()[-2:]
+
+    threads, warned = run("as-is")
+    assert threads == "threads: 1"
+    assert warned == "warnings: []"
+    if sys.version_info >= (3, 12):
+        threads, warned = run("with-a-thread")  # the control: the check can see a warning
+        assert threads == "threads: 2" and "multi-threaded" in warned
