@@ -73,3 +73,17 @@ DATABASES = {
 CONNDIAG: dict[str, object] = {}
 
 LOGGING_CONFIG = None
+
+
+def log_events_as_json(path: str) -> None:
+    """Send conndiag's events as JSON lines (``event``, ``level``, the fields) to ``path``,
+    appended, line-buffered: several processes (a server's workers, a test runner's) share
+    it. For the sites that tests run in other processes."""
+    import structlog
+
+    out = open(path, "a", buffering=1)  # noqa: SIM115 - for the life of the process
+    structlog.configure(
+        processors=[structlog.processors.add_log_level, structlog.processors.JSONRenderer()],
+        logger_factory=structlog.PrintLoggerFactory(file=out),
+        cache_logger_on_first_use=True,
+    )

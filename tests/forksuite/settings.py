@@ -14,10 +14,14 @@ from __future__ import annotations
 
 import os
 
-import structlog
-
 from tests.settings import *  # noqa: F403
-from tests.settings import MYSQL_URL, POSTGRES_URL, mysql_settings, postgres_settings
+from tests.settings import (
+    MYSQL_URL,
+    POSTGRES_URL,
+    log_events_as_json,
+    mysql_settings,
+    postgres_settings,
+)
 
 _tag = os.environ.get("CONNDIAG_FORKSUITE_TAG", "") + os.environ.get("CONNDIAG_TEST_DB_SUFFIX", "")
 _dir = os.environ.get("CONNDIAG_FORKSUITE_DIR", "/tmp")
@@ -43,9 +47,4 @@ if os.environ.get("CONNDIAG_FORKSUITE_WITHOUT"):
     MIDDLEWARE = [m for m in MIDDLEWARE if not m.startswith("conndiag.")]  # noqa: F405
 
 if os.environ.get("CONNDIAG_TEST_EVENTS"):
-    _events = open(os.environ["CONNDIAG_TEST_EVENTS"], "a", buffering=1)  # noqa: SIM115
-    structlog.configure(
-        processors=[structlog.processors.add_log_level, structlog.processors.JSONRenderer()],
-        logger_factory=structlog.PrintLoggerFactory(file=_events),
-        cache_logger_on_first_use=True,
-    )
+    log_events_as_json(os.environ["CONNDIAG_TEST_EVENTS"])

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 
 from tests.settings import *  # noqa: F403
-from tests.settings import MYSQL_URL, mysql_settings
+from tests.settings import MYSQL_URL, log_events_as_json, mysql_settings
 
 _db = mysql_settings(os.environ.get("CONNDIAG_TEST_MYSQL_URL", MYSQL_URL))
 _db["NAME"] = os.environ.get("CONNDIAG_MP_DB", "conndiag_mp")
@@ -19,16 +19,7 @@ DATABASES = {"default": _db}
 ROOT_URLCONF = "tests.multiproc.urls"
 
 if os.environ.get("CONNDIAG_TEST_EVENTS"):
-    # conndiag's events as JSON lines appended to that file by every process (the fork tests
-    # read each worker's pid and the replacement events from it)
-    import structlog
-
-    _events = open(os.environ["CONNDIAG_TEST_EVENTS"], "a", buffering=1)  # noqa: SIM115
-    structlog.configure(
-        processors=[structlog.processors.add_log_level, structlog.processors.JSONRenderer()],
-        logger_factory=structlog.PrintLoggerFactory(file=_events),
-        cache_logger_on_first_use=True,
-    )
+    log_events_as_json(os.environ["CONNDIAG_TEST_EVENTS"])
 
 if os.environ.get("CONNDIAG_TEST_WITHOUT_CONNDIAG"):
     # the same site without conndiag: the control the fork tests compare with
