@@ -13,10 +13,13 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, NoReturn
 
 import pytest
@@ -262,3 +265,40 @@ def kill_mysql_connection(server_id: int) -> None:
             cursor.execute(f"KILL {int(server_id)}")
     finally:
         other.close()
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_python(*args: str, env: dict[str, str] | None = None, timeout: float = 300) -> str:
+    """Run this Python on ``args`` from the repository root (importable as it is); stdout.
+
+    Without ``env`` the child gets no ``DJANGO_SETTINGS_MODULE``: a script sets its own.
+    A failure raises ``CalledProcessError`` with the child's output.
+    """
+    child = {**os.environ, "PYTHONPATH": str(ROOT)}
+    child.pop("DJANGO_SETTINGS_MODULE", None)
+    child.update(env or {})
+    return subprocess.run(
+        [sys.executable, *args],
+        cwd=ROOT,
+        env=child,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=True,
+    ).stdout
+
+
+def in_ended_threads(work: Callable[[], object], count: int = 1) -> None:
+    """Run ``work`` in ``count`` threads, one after another, that end without closing their
+    connections; then collect them and report what gc found (the next safe point would)."""
+    from conndiag.lifecycle import report_abandoned
+
+    for _ in range(count):
+        t = threading.Thread(target=work)
+        t.start()
+        t.join()
+    del t
+    gc.collect()
+    report_abandoned()

@@ -2,43 +2,19 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
 from tests.benchmark import VARIANTS
-
-ROOT = Path(__file__).resolve().parent.parent
+from tests.conftest import run_python
 
 
 @pytest.mark.mysql
 def test_benchmark_runs_every_variant_and_workload():
     """One tiny round prints a median for every variant of every workload, SQLite and MySQL."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    env.pop("DJANGO_SETTINGS_MODULE", None)
-    out = subprocess.run(
-        [
-            sys.executable,
-            "tests/benchmark.py",
-            "--rounds",
-            "1",
-            "--queries",
-            "20",
-            "--requests",
-            "5",
-            "--vendors",
-            "sqlite,mysql",
-        ],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=True,
-    ).stdout
+    out = run_python(
+        "tests/benchmark.py",
+        *("--rounds", "1", "--queries", "20", "--requests", "5", "--vendors", "sqlite,mysql"),
+    )
     rows = [line for line in out.splitlines() if "(per " in line]
     assert len(rows) == 7, out
     for row in rows:

@@ -3,13 +3,10 @@
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
-import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.conftest import run_python
+
 SUMMARY = re.compile(
     r"(\w+) summary: (\d+) connections open on the main thread; state at the end (\d+) "
     r"ConnState, (\d+) ThreadInfo, (\d+) RequestScope; open gauge (\d+)"
@@ -20,17 +17,7 @@ def test_memory_benchmark_runs_and_state_follows_live_threads_and_connections():
     """300 short-lived SQLite threads that abandon their connections, then 5,000 queries:
     at the end only the live connections have a state, only the live thread a ThreadInfo,
     and the open gauge counts the live connection only (it read 301 before the fix)."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    env.pop("DJANGO_SETTINGS_MODULE", None)
-    out = subprocess.run(
-        [sys.executable, "tests/benchmark_memory.py", "--threads", "300", "--queries", "5000"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=True,
-    ).stdout
+    out = run_python("tests/benchmark_memory.py", "--threads", "300", "--queries", "5000")
     (summary,) = SUMMARY.findall(out)
     vendor, live_connections, states, infos, scopes, gauge = summary
     assert vendor == "sqlite"

@@ -8,9 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -18,9 +15,7 @@ import pytest
 
 import conndiag
 from conndiag import contain, runtime
-from tests.conftest import of
-
-ROOT = Path(__file__).resolve().parent.parent
+from tests.conftest import of, run_python
 
 
 def test_guard_reports_and_returns_the_default(events):
@@ -125,21 +120,15 @@ def test_missing_multiprocess_dir_runs_without_metrics_and_says_so(tmp_path: Pat
 
     A subprocess, because prometheus_client reads the variable when it is first imported.
     """
-    env = {
-        **os.environ,
-        "PYTHONPATH": str(ROOT),
-        "DJANGO_SETTINGS_MODULE": "tests.settings",
-        "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "missing"),
-    }
-    out = subprocess.run(
-        [sys.executable, "-c", MISSING_DIR_SCRIPT],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
+    out = run_python(
+        "-c",
+        MISSING_DIR_SCRIPT,
+        env={
+            "DJANGO_SETTINGS_MODULE": "tests.settings",
+            "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "missing"),
+        },
         timeout=120,
-        check=True,
-    ).stdout
+    )
     result = json.loads(out.strip().splitlines()[-1])
     assert result["rows"] == [1, 2]
     assert result["status"].startswith("200")

@@ -11,7 +11,7 @@ from django.db import connections
 from conndiag.lifecycle import CLOSE_REASONS, report_abandoned
 from conndiag.state import state_of
 from conndiag.wrapper import EXECUTE_WRAPPER
-from tests.conftest import kill_mysql_connection, of
+from tests.conftest import in_ended_threads, kill_mysql_connection, of
 from tests.handlers import wsgi_get
 from tests.testapp.models import Item
 
@@ -129,12 +129,7 @@ def test_thread_that_ends_without_closing_is_abandoned(events):
     gc.collect()  # connections earlier tests abandoned are reported now, not below
     report_abandoned()  # the next safe point reports what gc found
     before = len(of(events, "conndiag.connection.closed"))
-    t = threading.Thread(target=work)
-    t.start()
-    t.join()
-    del t
-    gc.collect()
-    report_abandoned()  # the next safe point reports what gc found
+    in_ended_threads(work)
     closed = of(events, "conndiag.connection.closed")[before:]
     assert [e["reason"] for e in closed] == ["abandoned"]
     assert closed[0]["connection_thread"].startswith("Thread-")
@@ -161,13 +156,7 @@ def test_state_of_ended_threads_is_released_whatever_the_driver(alias, events):
         Item.objects.using(alias).count()
         states.append(weakref.ref(state_of(connections[alias])))
 
-    for _ in range(20):
-        t = threading.Thread(target=work)
-        t.start()
-        t.join()
-    del t
-    gc.collect()
-    report_abandoned()
+    in_ended_threads(work, 20)
     reasons = [e["reason"] for e in of(events, "conndiag.connection.closed")]
     assert reasons.count("abandoned") == 20
     assert REGISTRY.get_sample_value("conndiag_connections_open", labels) == open_before

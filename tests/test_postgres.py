@@ -8,7 +8,6 @@ drops a connection, 0 = off) and ``max_connections``.
 from __future__ import annotations
 
 import os
-import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -17,9 +16,8 @@ import pytest
 from django.db import DatabaseError, connections, transaction
 
 from conndiag import serverfacts
-from conndiag.lifecycle import report_abandoned
 from conndiag.state import state_of
-from tests.conftest import of
+from tests.conftest import in_ended_threads, of
 from tests.handlers import wsgi_json
 from tests.testapp.models import Item
 
@@ -63,17 +61,11 @@ def test_server_facts_are_learned_on_connect(events):
 
 def test_abandoned_connection_is_reported(events):
     """A thread's PostgreSQL connection never closed is reported ``abandoned`` after gc."""
-    import gc
 
     def work() -> None:
         Item.objects.using("postgres").count()
 
-    t = threading.Thread(target=work)
-    t.start()
-    t.join()
-    del t
-    gc.collect()
-    report_abandoned()
+    in_ended_threads(work)
     closed = [e for e in of(events, "conndiag.connection.closed") if e["vendor"] == "postgresql"]
     assert [e["reason"] for e in closed] == ["abandoned"]
 
