@@ -106,6 +106,7 @@ IDLE_RESOLUTION = 1.0
 COMPONENTS = (
     "wrapper",
     "lifecycle",
+    "forked",
     "stale",
     "serverfacts",
     "classify",
@@ -115,6 +116,8 @@ COMPONENTS = (
     "background",
     "events",
     "metrics",
+    "process",
+    "testing",
     "other",
 )
 _COMPONENT_ALIASES = {"EventLog": "events", "MetricsRecorder": "metrics"}

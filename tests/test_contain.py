@@ -6,8 +6,11 @@ real queries, requests, connects, closes, threads and executors) is tests/test_f
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
+import pkgutil
+import re
 import textwrap
 from pathlib import Path
 
@@ -15,7 +18,11 @@ import pytest
 
 import conndiag
 from conndiag import contain, runtime
-from tests.conftest import of, run_python
+from tests.conftest import ROOT, of, run_python
+
+# Every module, so that every guarded step is registered.
+for _module in pkgutil.iter_modules(conndiag.__path__):
+    importlib.import_module(f"conndiag.{_module.name}")
 
 
 def test_guard_reports_and_returns_the_default(events):
@@ -83,6 +90,18 @@ def test_a_recorder_that_cannot_be_built_is_left_out_and_reported(monkeypatch, e
     assert event["component"] == "metrics.build"
     assert "conndiag runs without its metrics" in event["error"]
     assert "conndiag.E002" in event["error"]
+
+
+def test_every_component_conndiag_reports_has_its_own_metric_label():
+    """Each component a guarded step or an ``internal_error`` call names maps to its own
+    ``component`` label of ``conndiag_internal_errors_total``, not to ``other``."""
+    from conndiag.metrics import component_label
+
+    named = {component for component, _ in contain.GUARDED}
+    for module in sorted((ROOT / "conndiag").rglob("*.py")):
+        named |= set(re.findall(r'internal_error\(\s*f?"([\w.]+)', module.read_text()))
+    assert named
+    assert sorted(c for c in named if component_label(c) == "other") == []
 
 
 MISSING_DIR_SCRIPT = textwrap.dedent("""
