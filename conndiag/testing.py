@@ -27,6 +27,7 @@ them.
 from __future__ import annotations
 
 import json
+import multiprocessing.util
 import os
 import shutil
 import tempfile
@@ -67,6 +68,8 @@ DEFAULT_WAIT = 2.0
 SESSION_WAIT = 30.0
 #: at most this many unsafe queries are kept per test (the rest are only counted)
 MAX_KEPT = 50
+#: at the exit of a --parallel worker, seconds to wait for the work its tests left running
+HAND_UP_WAIT = 10.0
 #: ended tests kept findable by forked processes that report late (besides live ones)
 RECENT_OWNERS = 100
 #: at most this many are shown in one report
@@ -363,6 +366,8 @@ class Watch:
         self.local = threading.local()
         self.listener = _Listener(self)
         self.directory: str | None = None
+        #: the directory of the process this one was forked from, if it watched too
+        self.upstream: str | None = None
         self._lock = threading.Lock()
         self._stack: list[Owner] = []
         #: owners by key (what forked processes name): alive ones, and the last ended ones
@@ -559,10 +564,16 @@ class Watch:
                 self._pending.add(owner)
 
     def _write_child(self, owner: Owner | None, event: Event) -> None:
-        directory = self.directory
+        self._write(self.directory, owner, event)
+
+    def _write(self, directory: str | None, owner: Owner | None, event: Event) -> None:
         if directory is None:
             return
-        record = {"owner": owner.key if owner is not None else OUTSIDE, "event": event.to_json()}
+        record = {
+            "owner": owner.key if owner is not None else OUTSIDE,
+            "name": owner.name if owner is not None else None,
+            "event": event.to_json(),
+        }
         line = (json.dumps(record) + "\n").encode()
         path = os.path.join(directory, f"{os.getpid()}.jsonl")
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
@@ -570,6 +581,22 @@ class Watch:
             os.write(fd, line)
         finally:
             os.close(fd)
+
+    def hand_up(self) -> None:
+        """At exit of a process that watched its own tests (a --parallel worker): wait for
+        the work they left running and pass what was not reported to the parent."""
+        try:
+            self.settle_all(HAND_UP_WAIT)
+            for owner in self.late():
+                events, _more = owner.take()
+                for event in events:
+                    self._write(self.upstream, owner, event)
+        except Exception as exc:
+            contain.internal_error("testing.hand_up", exc)
+        finally:
+            if self.directory is not None:
+                shutil.rmtree(self.directory, ignore_errors=True)
+                self.directory = None
 
     def collect_children(self) -> None:
         """Read what forked processes wrote since the last call."""
@@ -593,8 +620,22 @@ class Watch:
                     event = Event.from_json(record["event"])
                 except (ValueError, KeyError, TypeError):
                     continue
-                owner = self._owners.get(record["owner"], self._outside)
+                owner = self._owners.get(record["owner"])
+                if owner is None:
+                    owner = self._foreign(record.get("name"))
                 self._add_local(owner, event)
+
+    def _foreign(self, name: object) -> Owner:
+        """The owner of a record from another process naming a test this one did not run
+        (a --parallel worker's): an ended owner of that name."""
+        if not isinstance(name, str) or name == self._outside.name:
+            return self._outside
+        with self._lock:
+            self._counter += 1
+            owner = Owner(f"{self.pid}-{self._counter}", name, frozenset())
+            owner.ended = True
+            self._recent.append(owner)
+        return owner
 
     def settle(self, owner: Owner, timeout: float) -> None:
         """Wait up to ``timeout`` s for the threads and tasks ``owner`` started to finish."""
@@ -648,11 +689,16 @@ def get_watch() -> Watch:
         if watch is not None and watch.pid != os.getpid():
             # Inherited across fork by a process that runs tests itself (a --parallel
             # worker): it attributes to its own tests from now on.
+            upstream = watch.directory
             if watch.users > 0:
                 watch.users = 1
                 watch.directory = None  # the parent's, which the parent removes
                 watch.stop()
-            watch = None
+            watch = _watch = Watch()
+            if upstream is not None:
+                # What its tests leave running when it exits goes to the parent.
+                watch.upstream = upstream
+                multiprocessing.util.Finalize(None, watch.hand_up, exitpriority=10)
         if watch is None:
             watch = _watch = Watch()
         return watch
@@ -947,6 +993,16 @@ class DiscoverRunner(django_runner.DiscoverRunner):
                 f"started, before conndiag checks them (default {DEFAULT_WAIT})."
             ),
         )
+
+    def run_suite(self, suite: Any, **kwargs: Any) -> Any:
+        # Watching before --parallel forks its workers lets them hand up, at exit, what
+        # their last tests left running (the result collects it at the end of the run).
+        watch = get_watch()
+        watch.start()
+        try:
+            return super().run_suite(suite, **kwargs)
+        finally:
+            watch.stop()
 
     def get_resultclass(self) -> Any:
         base = super().get_resultclass() or unittest.TextTestResult

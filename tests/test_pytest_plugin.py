@@ -460,6 +460,11 @@ class Fine(TransactionTestCase):
     def test_safe(self):
         get("/safe")
 
+
+class Late(TransactionTestCase):
+    def test_leaves_a_thread(self):
+        get("/thread?delay=1.5")
+
     @allow_unsafe_queries("detached")
     def test_allowed(self):
         get("/pool")
@@ -472,7 +477,9 @@ def test_django_runner(
 ) -> None:
     """``manage.py test --testrunner conndiag.testing.DiscoverRunner`` (and ``--parallel
     2``, forked workers): the refused test fails with the message, ``@expectedFailure``
-    counts as an expected failure, safe and allowed tests pass."""
+    counts as an expected failure, safe and allowed tests pass; the thread a test leaves
+    running past the wait (``--conndiag-wait 0.5``) is reported as an error naming that test, even when it
+    is refused after its worker's last test."""
     monkeypatch.setenv("INNER_DB_FILE", str(site.path / "inner.sqlite3"))
     site.mkpydir("djt")
     site.makepyfile(**{"djt/test_unit": UNIT})
@@ -488,12 +495,15 @@ def test_django_runner(
         "conndiag.testing.DiscoverRunner",
         "--parallel",
         parallel,
+        "--conndiag-wait",
+        "0.5",
         "-v",
         "2",
     )
     err = result.stderr.str()
     assert result.ret == 1, err
-    assert "FAILED (failures=1, expected failures=1)" in err, err
+    assert "FAILED (failures=1, errors=1, expected failures=1)" in err, err
+    assert "in work that djt.test_unit.Late.test_leaves_a_thread started" in err.replace("\n", " ")
     assert textwrap.dedent(
         "conndiag refused 1 query during djt.test_unit.Broken.test_thread"
     ) in err.replace("\n", " ")
