@@ -267,7 +267,6 @@ def test_failing_passing_opted_out_forked_and_unittest(site: pytest.Pytester) ->
 @pytest.mark.slow
 def test_under_xdist(site: pytest.Pytester) -> None:
     """The same session with ``-n 2``: each worker watches its own tests."""
-    pytest.importorskip("xdist")
     site.makepyfile(test_inner=TESTS)
     result = site.runpytest_subprocess("-rA", "-n", "2")
     _expect_main_outcomes(result)
