@@ -471,7 +471,7 @@ def after_fork() -> None:
     connections become this process's own.
     """
     pending_abandoned.clear()
-    pid = process._getpid()
+    pid = os.getpid()
     neuter = _neuter_inherited()
     for state, ref in list(_open.copy().items()):
         db = ref()

@@ -28,7 +28,6 @@ if TYPE_CHECKING:
     from django.db.backends.base.base import BaseDatabaseWrapper
 
 _current_thread = threads.current
-_getpid = process._getpid
 
 
 class ExecuteWrapper:
@@ -57,7 +56,7 @@ class ExecuteWrapper:
         # Contained (see conndiag/contain.py): a failure here is reported and the query runs
         # as it would without conndiag. Inline, not a guard: a ``try`` is free, a call is not.
         try:
-            if _getpid() != process._pid:
+            if not process._page[0]:
                 process.check()  # first entry point in a new process: run the on_fork callbacks
             if pending_abandoned:
                 report_abandoned()

@@ -119,3 +119,39 @@ def test_on_fork_is_idempotent():
         return 0 if ran == [1] else 6
 
     assert _in_child(_c_fork, body) == 0
+
+
+def test_the_fork_page_is_armed_here_and_wiped_in_a_child():
+    """On Linux 4.14+ the hot path reads a MADV_WIPEONFORK page, not a system call: 1 here,
+    0 in a child forked from C, 1 again once the child noticed."""
+    import mmap
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("MADV_WIPEONFORK is Linux-only; elsewhere os.getpid() is compared")
+    assert isinstance(process._page, mmap.mmap)
+    assert process._page[0] == 1
+
+    def body() -> int:
+        if process._page[0] != 0:
+            return 7
+        process.check()
+        return 0 if process._page[0] == 1 and process._pid == os.getpid() else 8
+
+    assert _in_child(_c_fork, body) == 0
+
+
+def test_without_the_page_getpid_is_compared(monkeypatch):
+    """Where the kernel cannot wipe a page, the stand-in compares os.getpid(): a C fork is
+    still noticed at the first call."""
+    monkeypatch.setattr(process, "_page", process._PidCheck())
+    ran: list[int] = []
+    process.on_fork(lambda: ran.append(os.getpid()))
+
+    def body() -> int:
+        if process._page[0] != 0:
+            return 9
+        return _callbacks_ran_once_with_the_right_pid(ran)
+
+    assert _in_child(_c_fork, body) == 0
+    assert process._page[0] == 1
