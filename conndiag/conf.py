@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import math
+import os
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -61,6 +62,10 @@ class Config:
     #: connections per alias the deployment may open at once (workers x threads), for the
     #: max_connections check; None: from the WEB_CONCURRENCY environment variable, if set
     expected_connections: int | None = None
+    #: publish this process's open connections for ``manage.py conndiag connections``
+    inspector: bool = True
+    #: where they are published (None: see :func:`conndiag.publish.directory`)
+    inspector_dir: str | None = None
 
     #: the ``request.META`` key of :attr:`request_id_header` (``HTTP_X_REQUEST_ID``)
     request_id_meta_key: str | None = field(init=False, default=None)
@@ -134,6 +139,14 @@ def _logger_name(key: str, value: object) -> str:
     return value
 
 
+def _absolute_dir(key: str, value: object) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not os.path.isabs(value):
+        raise _fail(key, value, "an absolute directory path such as '/run/conndiag', or None")
+    return value
+
+
 def _policy(key: str, value: object) -> Mapping[str, str]:
     if not isinstance(value, Mapping):
         raise _fail(key, value, "a dict mapping contexts to actions")
@@ -185,6 +198,8 @@ _KEYS: dict[str, tuple[str, Callable[[str, Any], Any]]] = {
         "expected_connections",
         lambda key, value: None if value is None else _int(1, 1_000_000)(key, value),
     ),
+    "INSPECTOR": ("inspector", _bool),
+    "INSPECTOR_DIR": ("inspector_dir", _absolute_dir),
 }
 
 

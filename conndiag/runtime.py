@@ -14,7 +14,7 @@ from __future__ import annotations
 import threading
 from typing import TYPE_CHECKING, Any
 
-from . import contain, events, metrics
+from . import contain, events, metrics, publish
 from .conf import Config, get_config
 
 if TYPE_CHECKING:
@@ -72,6 +72,8 @@ def build(config: Config) -> Runtime:
     factories: list[tuple[str, Callable[[Config], Recorder]]] = [("events", events.EventLog)]
     if config.metrics:
         factories.append(("metrics", metrics.MetricsRecorder))
+    if config.inspector:
+        factories.append(("inspector", publish.Publisher))
     recorders: list[Recorder] = []
     failed: list[tuple[str, Exception]] = []
     for name, factory in factories:

@@ -61,6 +61,9 @@ def test_replace_is_for_forked_only():
         ({"METRICS_ALLOWED_IPS": "10.0.0.1"}, "'METRICS_ALLOWED_IPS'"),
         ({"SERVER_FACTS": "always"}, "'always'"),
         ({"SQL_MAX_LENGTH": 3}, "'SQL_MAX_LENGTH'"),
+        ({"INSPECTOR": "on"}, "'INSPECTOR'"),
+        ({"INSPECTOR_DIR": "relative/dir"}, "'INSPECTOR_DIR'"),
+        ({"INSPECTOR_DIR": ""}, "'INSPECTOR_DIR'"),
         ("not a dict", "CONNDIAG = 'not a dict'"),
     ],
 )

@@ -1,11 +1,16 @@
-"""``manage.py conndiag``: the doctor.
+"""``manage.py conndiag``: the doctor; ``manage.py conndiag connections``: the inspector.
 
 For each database alias: the effective settings, the server facts (read on a connection of
 its own, closed before returning), and what conndiag's system checks say; with
 ``--metrics-url``, the live picture from a running site's Prometheus metrics. Human-readable
 by default, ``--json`` for machines.
 
-Exit status: 0 nothing wrong; 1 warnings (a W check, or the metrics show errors, stale or
+``connections`` lists every database connection of every live process of this host, joined
+with each server's own list (see :mod:`conndiag.inspector`): a table, or ``--json``. Exit
+status 0 when nothing is flagged, 1 when a connection is flagged, 2 when a server's list
+could not be read.
+
+Doctor exit status: 0 nothing wrong; 1 warnings (a W check, or the metrics show errors, stale or
 abandoned connections, refused queries); 2 errors (an E check, or the metrics could not be
 read). Deploy gates can fail on any non-zero status, or on 2 only.
 """
@@ -195,6 +200,13 @@ class Command(BaseCommand):
 
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument(
+            "action",
+            nargs="?",
+            choices=["connections"],
+            help="connections: list every connection of every live process of this host, "
+            "joined with the servers' own lists (default: the doctor).",
+        )
+        parser.add_argument(
             "--database",
             action="append",
             dest="databases",
@@ -218,6 +230,9 @@ class Command(BaseCommand):
         parser.add_argument("--json", action="store_true", help="Print one JSON document.")
 
     def handle(self, *args: Any, **options: Any) -> None:
+        if options.get("action") == "connections":
+            self.handle_connections(options)
+            return
         report = self.build_report(options)
         if options["json"]:
             self.stdout.write(json.dumps(report, indent=2, sort_keys=True, default=str))
@@ -231,14 +246,90 @@ class Command(BaseCommand):
             )
             raise CommandError(msg, returncode=code)
 
-    # -- building ----------------------------------------------------------------------------
+    def handle_connections(self, options: dict[str, Any]) -> None:
+        from conndiag import inspector
 
-    def build_report(self, options: dict[str, Any]) -> dict[str, Any]:
-        aliases = options.get("databases") or list(connections)
+        aliases = self.aliases(options)
+        report = inspector.inspect(aliases)
+        failed = [a for a, r in report["aliases"].items() if r["server"]["error"]]
+        code = EXIT_ERRORS if failed else EXIT_WARNINGS if report["flagged"] else EXIT_OK
+        report["exit_status"] = code
+        if options["json"]:
+            self.stdout.write(json.dumps(report, indent=2, sort_keys=True, default=str))
+        else:
+            self.print_connections(report, inspector.display_rows(report))
+        if code != EXIT_OK:
+            msg = f"{report['flagged']} connection(s) flagged" + (
+                f"; could not read the server's connections of {', '.join(failed)}"
+                if failed
+                else ""
+            )
+            raise CommandError(msg, returncode=code)
+
+    def aliases(self, options: dict[str, Any]) -> list[str]:
+        aliases: list[str] = options.get("databases") or list(connections)
         unknown = [a for a in aliases if a not in connections]
         if unknown:
             msg = f"Unknown database alias(es): {', '.join(unknown)}."
             raise CommandError(msg)
+        return aliases
+
+    def print_connections(self, report: dict[str, Any], rows: list[dict[str, Any]]) -> None:
+        w = self.stdout.write
+        columns = [
+            ("alias", "ALIAS"),
+            ("server_id", "ID"),
+            ("client", "CLIENT"),
+            ("owner", "OWNER (pid/thread)"),
+            ("age", "AGE"),
+            ("idle", "IDLE"),
+            ("wait_timeout", "WAIT_TIMEOUT"),
+            ("conn_max_age", "MAX_AGE"),
+            ("queries", "QUERIES"),
+            ("request", "REQUEST"),
+            ("state", "STATE"),
+        ]
+        processes = report["processes"]
+        w(
+            f"{len(processes)} live process(es) on {report['host']} publish to "
+            f"{report['directory']}"
+            + ("" if report["publishing"] else " (this process does not: INSPECTOR is False)")
+        )
+        for alias, alias_report in report["aliases"].items():
+            server = alias_report["server"]
+            if server["error"]:
+                w(self.style.ERROR(f"{alias}: the server's list failed: {server['error']}"))
+            elif not server["available"]:
+                w(f"{alias}: {alias_report['vendor']} has no server-side list; published only")
+        table = [[label for _, label in columns] + ["FLAGS"]]
+        for row in rows:
+            table.append([str(row[key]) for key, _ in columns] + [" ".join(row["flags"]) or "-"])
+        widths = [max(len(line[i]) for line in table) for i in range(len(table[0]))]
+        for n, line in enumerate(table):
+            text = "  ".join(
+                cell.ljust(width) for cell, width in zip(line, widths, strict=True)
+            ).rstrip()
+            if n and rows[n - 1]["flags"]:
+                text = self.style.WARNING(text)
+            w(text)
+        if not rows:
+            w("(no connections)")
+        counts = report["flag_counts"]
+        w("")
+        if counts:
+            w(
+                self.style.WARNING(
+                    f"{report['flagged']} flagged: "
+                    + ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
+                )
+            )
+        else:
+            w(self.style.SUCCESS(f"{len(rows)} connection(s), nothing flagged"))
+
+    # -- building ----------------------------------------------------------------------------
+
+    def build_report(self, options: dict[str, Any]) -> dict[str, Any]:
+        aliases = self.aliases(options)
         static: list[CheckMessage] = []
         for check in checks.STATIC_CHECKS:
             static.extend(check())
