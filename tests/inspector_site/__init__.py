@@ -1,0 +1,1 @@
+"""A site for the inspector's server tests: tests.multiproc plus a fork-happy view."""

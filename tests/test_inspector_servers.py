@@ -1,0 +1,148 @@
+"""The inspector against real gunicorn workers and a real MariaDB: owned, orphan, shared.
+
+The site is ``tests.inspector_site`` (``tests.multiproc`` with persistent connections and
+``POLICY["forked"] = "ignore"``). Workers publish into ``PROMETHEUS_MULTIPROC_DIR``; the
+command runs as an operator would, in its own process with the site's settings.
+
+Orphan: ``kill -9`` alone leaves none on the same host (the kernel closes the dead worker's
+socket and the server drops the connection at once). A worker's connection outlives it when
+another process still holds the socket: here a helper the worker forked (as a
+``multiprocessing`` fork child does), which never uses it. Killing the worker with ``-9``
+leaves that connection on the server, owned by no live process.
+
+Shared: ``gunicorn --preload`` with a query at import: the master opens the connection and
+every sync worker inherits it; with the forked policy relaxed, a worker uses it: master and
+worker both claim one server connection.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests import servers
+
+pytestmark = [pytest.mark.slow, pytest.mark.mysql]
+
+DB_NAME = "conndiag_insp" + os.environ.get("CONNDIAG_TEST_DB_SUFFIX", "")
+APP = "tests.inspector_site.wsgi:application"
+
+
+def site_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    multiproc = tmp_path / "prom"
+    multiproc.mkdir(exist_ok=True)
+    return {
+        **servers.mysql_site_env(DB_NAME),
+        "DJANGO_SETTINGS_MODULE": "tests.inspector_site.settings",
+        "PROMETHEUS_MULTIPROC_DIR": str(multiproc),
+        **extra,
+    }
+
+
+def connections_command(env: dict[str, str]) -> tuple[int, dict[str, Any]]:
+    """``manage.py conndiag connections --json`` in its own process, as an operator runs it."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "django", "conndiag", "connections", "--json"],
+        cwd=servers.ROOT,
+        env={**os.environ, **env, "PYTHONPATH": str(servers.ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    start = proc.stdout.find("{\n")
+    assert start >= 0, proc.stdout + proc.stderr
+    return proc.returncode, json.loads(proc.stdout[start:])
+
+
+def rows(report: dict[str, Any]) -> dict[int, dict[str, Any]]:
+    return {r["server_id"]: r for r in report["aliases"]["default"]["connections"]}
+
+
+def worker_rows(report: dict[str, Any], pids: set[int]) -> dict[int, dict[str, Any]]:
+    return {sid: r for sid, r in rows(report).items() if {o["pid"] for o in r["owners"]} & pids}
+
+
+def test_orphan_left_by_a_killed_worker(tmp_path: Path) -> None:
+    """Two workers' persistent connections are listed, owned, unflagged (exit 0); after
+    ``kill -9`` of a worker whose socket a helper process still holds, its connection is an
+    orphan (exit 1), and the dead worker's file is ignored and removed."""
+    env = site_env(tmp_path)
+    with (
+        servers.mysql_site_database(DB_NAME),
+        servers.running(
+            "gunicorn", APP, tmp_path, env=env, processes=2, ready_path="/item-count/"
+        ) as server,
+    ):
+        workers = server.workers()
+        seen: set[int] = set()
+        servers.wait_for(
+            "both workers to hold a connection",
+            lambda: seen.add(json.loads(server.get("/item-count/"))["pid"]) or seen,
+            lambda s: s >= workers,
+        )
+        status, report = connections_command(env)
+        owned = worker_rows(report, workers)
+        assert {r["owners"][0]["pid"] for r in owned.values()} == workers, report
+        assert all(r["flags"] == [] for r in owned.values()), owned
+        assert all(r["host"] == "this" for r in owned.values())
+        assert status == 0, report
+
+        # A worker forks a helper (it inherits the worker's sockets), then dies by kill -9.
+        spawned = json.loads(server.get("/spawn-helper/?seconds=60"))
+        victim, helper = spawned["worker"], spawned["helper"]
+        [victim_sid] = [sid for sid, r in owned.items() if r["owners"][0]["pid"] == victim]
+        multiproc = Path(env["PROMETHEUS_MULTIPROC_DIR"]) / "conndiag-connections"
+        assert (multiproc / f"{victim}.json").exists()
+        try:
+            os.kill(victim, signal.SIGKILL)
+            servers.wait_for(
+                "the worker to die", lambda: victim in server.workers(), lambda v: not v
+            )
+            status, report = connections_command(env)
+            orphan = rows(report)[victim_sid]
+            assert orphan["flags"] == ["orphan"], orphan
+            assert orphan["owners"] == []
+            assert orphan["server"]["state"] == "Sleep"
+            assert status == 1
+            assert not (multiproc / f"{victim}.json").exists()  # the dead worker's file
+            assert victim not in {p["pid"] for p in report["processes"]}
+        finally:
+            os.kill(helper, signal.SIGKILL)
+        # The helper gone, the server closes the socket: the orphan disappears.
+        servers.wait_for(
+            "the orphan to disappear",
+            lambda: victim_sid in rows(connections_command(env)[1]),
+            lambda present: not present,
+        )
+
+
+def test_shared_connection_inherited_from_a_preloading_master(tmp_path: Path) -> None:
+    """``gunicorn --preload``: the master's import-time connection is inherited by the sync
+    worker, which uses it (policy relaxed): master and worker claim one server connection,
+    flagged ``shared`` (exit 1)."""
+    env = site_env(tmp_path, INSPECTOR_SITE_QUERY_AT_IMPORT="1")
+    with (
+        servers.mysql_site_database(DB_NAME),
+        servers.running(
+            "gunicorn", APP, tmp_path, env=env, processes=1, preload=True, ready_path="/item-count/"
+        ) as server,
+    ):
+        [worker] = server.workers()
+        assert json.loads(server.get("/item-count/"))["pid"] == worker
+        status, report = connections_command(env)
+        shared = [r for r in rows(report).values() if "shared" in r["flags"]]
+        assert len(shared) == 1, report
+        owners = {o["pid"]: o for o in shared[0]["owners"]}
+        assert set(owners) == {server.proc.pid, worker}
+        assert owners[worker]["inherited"] is True
+        assert owners[worker]["opened_pid"] == server.proc.pid
+        assert owners[server.proc.pid]["inherited"] is False
+        assert status == 1
