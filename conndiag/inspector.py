@@ -296,19 +296,18 @@ def flags_of(conn: dict[str, Any], now: float) -> list[str]:
     age = now - opened
     max_age = conn.get("conn_max_age")
     wait = conn.get("wait_timeout")
-    by_request = conn.get("context_opened") == "request"
+    opening = conn.get("opening_request")
+    # CONN_MAX_AGE = 0 and still open after its request: Django's cycle never saw it.
+    outlived = max_age == 0 and isinstance(opening, dict) and bool(opening.get("finished"))
+    by_request = conn.get("context_opened") == "request" and not outlived
     if isinstance(wait, int | float) and wait > 0 and idle >= NEAR_TIMEOUT * wait:
         recycled_first = by_request and (
             conn.get("health_checks") or (max_age is not None and opened + max_age <= last + wait)
         )
         if not recycled_first:
             flags.append("near_timeout")
-    if max_age is not None:
-        if max_age > 0 and age > max_age and not by_request:
-            flags.append("past_max_age")
-        opening = conn.get("opening_request")
-        if max_age == 0 and isinstance(opening, dict) and opening.get("finished"):
-            flags.append("past_max_age")
+    if max_age is not None and ((max_age > 0 and age > max_age and not by_request) or outlived):
+        flags.append("past_max_age")
     if conn.get("thread_alive") is False:
         flags.append("abandoned")
     return flags
@@ -506,6 +505,29 @@ def _ratio(value: float | None, limit: float | None) -> float | None:
     return max(0.0, min(1.0, value / limit))
 
 
+def _request_text(request: dict[str, Any]) -> str:
+    return f"{request['method'] or '?'} {request['path'] or '?'} {request['id']}"
+
+
+def _requests(opening: dict[str, Any] | None, serving: dict[str, Any] | None) -> str:
+    """The request that opened the connection, and the one its thread served last."""
+    parts = []
+    if opening is not None:
+        done = " (finished)" if opening["finished"] else ""
+        parts.append(f"opened in {_request_text(opening)}{done}")
+    if serving is not None and (opening is None or serving["id"] != opening["id"]):
+        parts.append(f"serving {_request_text(serving)}")
+    return "; ".join(parts) or "-"
+
+
+def _max_age(state: str | None, max_age: float | None) -> str:
+    if state is None:
+        return "-"
+    if max_age is None:
+        return "persistent"
+    return "0 (per request)" if not max_age else f"{max_age:g} s"
+
+
 def display_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
     """One flat, printable row per connection, in the order the report lists them."""
     rows = []
@@ -525,9 +547,8 @@ def display_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
                 owner = "(another host)"
             else:
                 owner = "(no live process)"
-            request = next((o["request"] for o in owners if o["request"]), None)
-            if request is None:
-                request = next((o["opening_request"] for o in owners if o["opening_request"]), None)
+            opening = next((o["opening_request"] for o in owners if o["opening_request"]), None)
+            serving = next((o["request"] for o in owners if o["request"]), None)
             server = row["server"] or {}
             max_age = row["conn_max_age"]
             state = row["conn_max_age_state"]
@@ -542,20 +563,9 @@ def display_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
                     "age": seconds(row["age"]),
                     "idle": seconds(row["idle"]),
                     "wait_timeout": seconds(row["wait_timeout"]),
-                    "conn_max_age": (
-                        "-"
-                        if state is None
-                        else "persistent"
-                        if max_age is None
-                        else f"{max_age:g} s"
-                    ),
+                    "conn_max_age": _max_age(state, max_age),
                     "queries": str(sum(o["queries"] or 0 for o in owners)) if owners else "-",
-                    "request": (
-                        f"{request['method'] or '?'} {request['path'] or '?'} {request['id']}"
-                        + (" (finished)" if request["finished"] else "")
-                        if request
-                        else "-"
-                    ),
+                    "request": _requests(opening, serving),
                     "state": server.get("state")
                     or (
                         "not on the server"

@@ -457,6 +457,12 @@ def test_demo_once_cleans_up(tmp_path: Path) -> None:
     assert "conndiag.query.refused in the log:" in proc.stdout
     assert "detached queries caught" in proc.stdout
     assert str(tmp_path / "var" / "demo.log") in proc.stdout
+    # The connection inspector: its page, its command, and the export endpoint's leak flagged.
+    assert f"http://127.0.0.1:{port}/conndiag/connections" in proc.stdout
+    assert "manage.py conndiag connections" in proc.stdout
+    table = proc.stdout[proc.stdout.index("Every worker's connections") :]
+    assert "opened in GET /ops/export-report" in table, table
+    assert "past_max_age" in table, table
     assert _demo_processes(port) == []
     assert list((tmp_path / "tmp").glob("conndiag-demo-prom-*")) == []
     assert not runner.port_in_use(port)

@@ -310,6 +310,10 @@ def conn(**kw: Any) -> dict[str, Any]:
             ["past_max_age"],
         ),
         ({"conn_max_age": 0, "opening_request": {"finished": False}, "last_used_at": NOW}, []),
+        (  # a leak: opened by a request, outside Django's cycle, so nothing recycles it
+            {"context_opened": "request", "conn_max_age": 0, "opening_request": {"finished": True}},
+            ["near_timeout", "past_max_age"],
+        ),
         ({"thread_alive": False, "last_used_at": NOW}, ["abandoned"]),
         ({"wait_timeout": None}, []),
     ],

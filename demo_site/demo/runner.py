@@ -284,21 +284,45 @@ class Demo:
         env.update(self.extra_env)
         return env
 
-    def manage(self, *args: str, timeout: float = 120, capture: bool = False) -> str:
-        """Run ``manage.py`` with the demo's environment; raise :class:`DemoError` on failure."""
+    def manage(
+        self,
+        *args: str,
+        timeout: float = 120,
+        capture: bool = False,
+        check: bool = True,
+        stderr: int | None = None,
+    ) -> str:
+        """Run ``manage.py`` with the demo's environment; raise :class:`DemoError` on failure
+        (with ``check``)."""
         proc = subprocess.run(
             [self.python, str(SITE_DIR / "manage.py"), *args],
             env=self.env(),
             cwd=str(REPO_DIR),
             timeout=timeout,
             stdout=subprocess.PIPE if capture else None,
+            stderr=stderr,
             text=True,
             check=False,
         )
-        if proc.returncode != 0:
+        if check and proc.returncode != 0:
             msg = f"manage.py {' '.join(args)} failed with exit status {proc.returncode}"
             raise DemoError(msg)
         return proc.stdout or ""
+
+    def connections_command(self) -> str:
+        """The command that lists every worker's connections (for the operator to copy)."""
+        env = f"DJANGO_SETTINGS_MODULE=demo.settings PYTHONPATH={SITE_DIR}"
+        if self.multiproc_dir is not None:
+            env += f" PROMETHEUS_MULTIPROC_DIR={self.multiproc_dir}"
+        if self.database_url:
+            env += f" DATABASE_URL={self.database_url}"
+        return f"{env} {self.python} {SITE_DIR / 'manage.py'} conndiag connections"
+
+    def connections(self) -> str:
+        """``manage.py conndiag connections`` (exit status 1 when something is flagged)."""
+        return self.manage(
+            "conndiag", "connections", capture=True, check=False, stderr=subprocess.STDOUT
+        )
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -504,6 +528,10 @@ def main(argv: list[str] | None = None) -> int:
                 flush=True,
             )
             demo.start()
+            # The broken export leaks a connection in the worker that serves it; the traffic
+            # that follows makes every worker republish its connections.
+            print("==> GET /ops/export-report (leaks a connection)", flush=True)
+            demo.get("/ops/export-report")
             print(f"==> driving {args.requests} requests through every endpoint", flush=True)
             print(demo.load(requests=args.requests, concurrency=args.concurrency), flush=True)
             # Let the threads the broken endpoints started finish and log, and every worker
@@ -513,13 +541,17 @@ def main(argv: list[str] | None = None) -> int:
             print()
             print(f"Site:     {demo.url}/  (jobs: {demo.url}/jobs/)")
             print(f"Metrics:  {demo.url}/metrics")
+            print(f"Connections: {demo.url}/conndiag/connections  (every worker's, live)")
+            print(f"          or: {demo.connections_command()}")
             print(f"Log file: {demo.log_file}  (server output: {demo.server_output})")
             print(
                 f"          try: grep '{REFUSED}' {demo.log_file} | head -1 | python -m json.tool"
             )
             print()
             print(summary.render())
-            print(flush=True)
+            print()
+            print("Every worker's connections (manage.py conndiag connections):")
+            print(demo.connections(), flush=True)
             if once:
                 return 0
             print("Serving until interrupted (Ctrl-C) ...", flush=True)

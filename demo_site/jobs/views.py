@@ -8,6 +8,10 @@
 * ``/ops/trigger-job-in-pool`` is the same mistake through a ``ThreadPoolExecutor``.
 * ``/ops/trigger-job-background`` starts the thread too, but runs the job inside
   ``conndiag.background_db_work()``, the escape hatch that manages the connection.
+* ``/ops/export-report`` leaks a connection: it opens a dedicated one for a "long export"
+  and keeps it in a module-level cache, outside ``django.db.connections``, so Django never
+  closes it. The connection inspector (``manage.py conndiag connections``,
+  ``/conndiag/connections``) lists it, flagged ``past_max_age``.
 * ``/async/jobs`` uses the async ORM: observed under ASGI and WSGI, no false alarm.
 """
 
@@ -19,6 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import structlog
+from django.db import DEFAULT_DB_ALIAS, connections
 from django.http import Http404, HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import render
 from django.utils.decorators import method_decorator
@@ -34,6 +39,11 @@ log = structlog.get_logger("jobs")
 POOL = ThreadPoolExecutor(max_workers=2, thread_name_prefix="jobs-pool")
 
 SUCCESS = "Task run success"
+
+#: the "export" endpoint's dedicated connections: cached, never closed (the leak)
+REPORT_CONNECTIONS: list[Any] = []
+#: leaked connections per process, at most (the demo must not exhaust the server)
+MAX_REPORT_CONNECTIONS = 3
 
 
 def _params(request: HttpRequest) -> dict[str, Any]:
@@ -100,6 +110,7 @@ class OpsView(View):
         "trigger-job-in-thread": "trigger_job_in_thread",
         "trigger-job-in-pool": "trigger_job_in_pool",
         "trigger-job-background": "trigger_job_background",
+        "export-report": "export_report",
     }
 
     def _handler(self, action: str) -> Any:
@@ -148,6 +159,22 @@ class OpsView(View):
         )
         thread.start()
         return HttpResponse(SUCCESS)
+
+    def export_report(self, request: HttpRequest) -> HttpResponse:
+        """Broken: a dedicated connection per export, cached and never closed.
+
+        ``connections.create_connection`` makes a connection Django's request cycle does not
+        know (it is not in ``django.db.connections``): nothing closes it at the end of the
+        request, so it stays open, idle, until the process exits.
+        """
+        if len(REPORT_CONNECTIONS) >= MAX_REPORT_CONNECTIONS:
+            return JsonResponse({"jobs": None, "cached_connections": len(REPORT_CONNECTIONS)})
+        db = connections.create_connection(DEFAULT_DB_ALIAS)
+        with db.cursor() as cursor:
+            cursor.execute(f"SELECT COUNT(*) FROM {JobRecord._meta.db_table}")
+            (count,) = cursor.fetchone()
+        REPORT_CONNECTIONS.append(db)  # "reused by the next export" - it never is
+        return JsonResponse({"jobs": count, "cached_connections": len(REPORT_CONNECTIONS)})
 
 
 def job_list(request: HttpRequest) -> HttpResponse:
