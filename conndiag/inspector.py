@@ -152,12 +152,21 @@ def _remove(path: str) -> None:
         pass
 
 
+def valid(conn: object) -> bool:
+    """Whether a published entry has what the join needs (files are read defensively)."""
+    return (
+        isinstance(conn, dict)
+        and isinstance(conn.get("opened_at"), int | float)
+        and isinstance(conn.get("target"), str)
+    )
+
+
 def owned(documents: Iterable[dict[str, Any]]) -> dict[tuple[str, int], list[dict[str, Any]]]:
     """(target, server id) -> the published connections claiming it, with their ``pid``."""
     claims: dict[tuple[str, int], list[dict[str, Any]]] = {}
     for document in documents:
         for conn in document["connections"]:
-            if not isinstance(conn, dict):
+            if not valid(conn):
                 continue
             server_id = conn.get("server_id")
             target = conn.get("target")
@@ -448,7 +457,7 @@ def inspect(
         {**c, "pid": d["pid"]}
         for d in documents
         for c in d["connections"]
-        if isinstance(c, dict) and not isinstance(c.get("server_id"), int)
+        if valid(c) and not isinstance(c.get("server_id"), int)
     ]
     result: dict[str, Any] = {}
     latest: list[list[dict[str, Any]]] = [documents]

@@ -34,10 +34,11 @@ import weakref
 from typing import TYPE_CHECKING, Any
 
 from . import process
+from .records import Recorder
 
 if TYPE_CHECKING:
     from .conf import Config
-    from .records import Diagnosis, Query
+    from .records import Query
     from .scope import RequestScope
     from .state import ConnState
     from .threads import ThreadInfo
@@ -158,11 +159,10 @@ class _Entry:
         self.queries_at_fork: int | None = None
 
 
-class Publisher:
+class Publisher(Recorder):
     """The recorder that publishes this process's open connections (see the module doc)."""
 
     __slots__ = (
-        "__weakref__",
         "_atexit",
         "_dir",
         "_failed",
@@ -214,27 +214,10 @@ class Publisher:
         if found is not None:
             self.publish()
 
-    def connect_failed(
-        self,
-        alias: str,
-        vendor: str,
-        info: ThreadInfo,
-        context: str,
-        duration: float,
-        diagnosis: Diagnosis,
-    ) -> None:
-        pass
-
-    def stale(self, q: Query, wait_timeout: float, replaced: bool) -> None:
-        pass
-
     def server_facts(self, state: ConnState, facts: dict[str, Any]) -> None:
         # wait_timeout is known now: publish it (rare: once per connection at most).
         if state in self._open:
             self.publish()
-
-    def internal_error(self, component: str, error: BaseException, first: bool) -> None:
-        pass
 
     # -- writing ---------------------------------------------------------------------------------
 
@@ -264,17 +247,17 @@ class Publisher:
         _LOCK[0] = threading.Lock()
         self._next = 0.0
         pid = _pid()
-        for _ in range(3):
-            try:
-                items = list(self._open.items())
-                break
-            except RuntimeError:
-                continue
-        else:
-            items = []
-        for state, entry in items:
+        for state, entry in self._items():
             if entry.pid != pid and entry.queries_at_fork is None:
                 entry.queries_at_fork = state.queries
+
+    def _items(self) -> list[tuple[ConnState, _Entry]]:
+        for _ in range(3):  # a garbage-collected connection may close while we iterate
+            try:
+                return list(self._open.items())
+            except RuntimeError:
+                continue
+        return []
 
     def _forked(self, pid: int) -> None:
         """First write in this process, or in a child the fork hook did not run in."""
@@ -294,15 +277,7 @@ class Publisher:
         pid = self._pid or _pid()
         rows: list[dict[str, Any]] = []
         truncated = 0
-        for _ in range(3):  # a garbage-collected connection may close while we iterate
-            try:
-                items = list(self._open.items())
-                break
-            except RuntimeError:
-                continue
-        else:
-            items = []
-        for state, entry in items:
+        for state, entry in self._items():
             if state.closed:
                 self._open.pop(state, None)  # closed while no publisher listened
                 continue

@@ -10,9 +10,9 @@ another process still holds the socket: here a helper the worker forked (as a
 ``multiprocessing`` fork child does), which never uses it. Killing the worker with ``-9``
 leaves that connection on the server, owned by no live process.
 
-Shared: ``gunicorn --preload`` with a query at import: the master opens the connection and
-every sync worker inherits it; with the forked policy relaxed, a worker uses it: master and
-worker both claim one server connection.
+Shared: ``gunicorn --preload`` or uWSGI without ``lazy-apps``, with a query at import: the
+master opens the connection and the worker inherits it; with the forked policy relaxed, the
+worker uses it: master and worker both claim one server connection.
 """
 
 from __future__ import annotations
@@ -124,15 +124,24 @@ def test_orphan_left_by_a_killed_worker(tmp_path: Path) -> None:
         )
 
 
-def test_shared_connection_inherited_from_a_preloading_master(tmp_path: Path) -> None:
-    """``gunicorn --preload``: the master's import-time connection is inherited by the sync
-    worker, which uses it (policy relaxed): master and worker claim one server connection,
-    flagged ``shared`` (exit 1)."""
+@pytest.mark.parametrize(
+    ("kind", "options"),
+    [
+        ("gunicorn", {"preload": True}),  # the arbiter imports the app, then forks (Python)
+        ("uwsgi", {}),  # no lazy-apps: the master loads the app, workers forked from C
+    ],
+)
+def test_shared_connection_inherited_from_the_master(
+    tmp_path: Path, kind: str, options: dict[str, Any]
+) -> None:
+    """The master's import-time connection is inherited by the worker, which uses it (policy
+    relaxed): master and worker claim one server connection, flagged ``shared`` (exit 1).
+    Under uWSGI the fork is made from C: conndiag notices it before the worker's first query."""
     env = site_env(tmp_path, INSPECTOR_SITE_QUERY_AT_IMPORT="1")
     with (
         servers.mysql_site_database(DB_NAME),
         servers.running(
-            "gunicorn", APP, tmp_path, env=env, processes=1, preload=True, ready_path="/item-count/"
+            kind, APP, tmp_path, env=env, processes=1, ready_path="/item-count/", **options
         ) as server,
     ):
         [worker] = server.workers()

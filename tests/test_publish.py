@@ -317,3 +317,21 @@ def test_publishing_can_be_turned_off(tmp_path: Path) -> None:
         db.ensure_connection()
         db.close()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_readers_skip_broken_files(tmp_path: Path) -> None:
+    """Truncated JSON, another format version, entries without the fields the join needs:
+    skipped, never a crash."""
+    alive = {
+        "version": publish.VERSION,
+        "host": publish.socket.gethostname(),
+        "pid": os.getpid(),
+        "start_time": publish.process_start_time(os.getpid()),
+    }
+    (tmp_path / "1.json").write_text('{"version": 1, "conn')
+    (tmp_path / "2.json").write_text(json.dumps({**alive, "version": 99, "connections": []}))
+    broken = [{"server_id": 5}, "junk", {"opened_at": "x", "target": "t", "server_id": 6}]
+    (tmp_path / f"{os.getpid()}.json").write_text(json.dumps({**alive, "connections": broken}))
+    documents = inspector.read_published(str(tmp_path), clean=False)
+    assert [d["pid"] for d in documents] == [os.getpid()]
+    assert inspector.owned(documents) == {}
