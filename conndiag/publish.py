@@ -4,7 +4,8 @@
 writes it, as one small JSON file per process, into the inspector directory
 (:func:`directory`), where every process of the deployment on this host can read it:
 
-- on every connect and close, at once;
+- on every connect (with the server facts that follow it, else at its first query) and
+  close, at once;
 - otherwise at most once a second: the per-query cost is one attribute read and one
   comparison (:meth:`Publisher.query`), and the write happens on the query that first
   finds the second elapsed. The file therefore lags the process by at most a second of
@@ -53,6 +54,8 @@ MAX_CONNECTIONS = 256
 MAX_STRING = 200
 #: file name suffix of the published files
 SUFFIX = ".json"
+#: memory-backed and shared by the host's processes (Linux): writes cost no disk I/O
+SHM = "/dev/shm"  # noqa: S108 - only a private 0700 subdirectory, checked by ensure_directory
 #: the sub-directory used inside prometheus_client's multi-process directory
 MULTIPROC_SUBDIR = "conndiag-connections"
 
@@ -78,7 +81,8 @@ def directory(config: Config) -> str:
     if multiproc and os.path.isdir(multiproc):
         return os.path.join(multiproc, MULTIPROC_SUBDIR)
     uid = os.getuid() if hasattr(os, "getuid") else 0
-    return os.path.join(tempfile.gettempdir(), f"conndiag-{uid}")
+    base = SHM if os.path.isdir(SHM) and os.access(SHM, os.W_OK) else tempfile.gettempdir()
+    return os.path.join(base, f"conndiag-{uid}")
 
 
 class UnsafeDirectoryError(OSError):
@@ -163,8 +167,8 @@ class Publisher(Recorder):
     """The recorder that publishes this process's open connections (see the module doc)."""
 
     __slots__ = (
-        "_atexit",
         "_dir",
+        "_dir_checked",
         "_failed",
         "_next",
         "_open",
@@ -184,7 +188,8 @@ class Publisher(Recorder):
         self._pid = 0
         self._start: int | None = None
         self._path = ""
-        self._atexit = False
+        #: the directory was checked (created, ours, private) once
+        self._dir_checked = False
         #: the directory could not be used: stop trying (reported once, as an internal error)
         self._failed = False
         self.host = socket.gethostname()
@@ -207,7 +212,9 @@ class Publisher(Recorder):
         settings_dict = connections.settings[state.alias]
         entry = _Entry(database_target(state.vendor, settings_dict), info.scope or current_scope())
         self._open[state] = entry
-        self.publish()
+        # Written by the server facts that follow at once (MySQL, PostgreSQL), else by the
+        # connection's first query: one write per connect, with its wait_timeout.
+        self._next = 0.0
 
     def connection_closed(self, state: ConnState, reason: str) -> None:
         found = self._open.pop(state, None)
@@ -215,7 +222,7 @@ class Publisher(Recorder):
             self.publish()
 
     def server_facts(self, state: ConnState, facts: dict[str, Any]) -> None:
-        # wait_timeout is known now: publish it (rare: once per connection at most).
+        # Right after the connect, wait_timeout known: the connect's write.
         if state in self._open:
             self.publish()
 
@@ -264,11 +271,9 @@ class Publisher(Recorder):
         if self._pid:
             self.after_fork()
         self._pid = pid
-        self._start = process_start_time(pid)
+        self._start = _start_time(pid)
         self._path = os.path.join(self._dir, f"{pid}{SUFFIX}")
-        if not self._atexit:
-            atexit.register(self.remove)
-            self._atexit = True
+        _install_atexit()
 
     def snapshot(self) -> dict[str, Any]:
         """This process's published document (also what tests compare with the file)."""
@@ -337,10 +342,16 @@ class Publisher(Recorder):
 
     def _write(self, pid: int) -> None:
         document = self.snapshot()
-        ensure_directory(self._dir)
         data = json.dumps(document, separators=(",", ":"), default=str).encode("utf-8")
         tmp = os.path.join(self._dir, f".{pid}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        if not self._dir_checked:
+            ensure_directory(self._dir)
+            self._dir_checked = True
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        except FileNotFoundError:  # removed since (a deploy emptied it): make it again
+            ensure_directory(self._dir)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
             os.write(fd, data)
         finally:
@@ -363,6 +374,30 @@ _LOCK = [threading.Lock()]
 #: every live publisher (a runtime rebuilt after a settings change makes a new one)
 _publishers: weakref.WeakSet[Publisher] = weakref.WeakSet()
 _fork_hook = False
+
+
+_start_times: dict[int, int | None] = {}
+_atexit_installed = False
+
+
+def _start_time(pid: int) -> int | None:
+    """:func:`process_start_time` of this process, read once per pid."""
+    if pid not in _start_times:
+        _start_times[pid] = process_start_time(pid)
+    return _start_times[pid]
+
+
+def _remove_files_at_exit() -> None:
+    for publisher in list(_publishers):
+        publisher.remove()
+
+
+def _install_atexit() -> None:
+    """One ``atexit`` handler per process, for every publisher (never one per runtime)."""
+    global _atexit_installed
+    if not _atexit_installed:
+        atexit.register(_remove_files_at_exit)
+        _atexit_installed = True
 
 
 def _after_fork_in_child() -> None:

@@ -110,7 +110,8 @@ def test_queries_write_at_most_once_a_second(pubdir: Path) -> None:
 def test_file_and_directory_are_private(pubdir: Path) -> None:
     """The directory is 0700 and the file 0600; no temporary file is left behind."""
     db = connections.create_connection("default")
-    db.ensure_connection()
+    with db.cursor() as cursor:
+        cursor.execute("SELECT 1")
     db.close()
     assert stat.S_IMODE(pubdir.stat().st_mode) == 0o700
     assert stat.S_IMODE((pubdir / f"{os.getpid()}.json").stat().st_mode) == 0o600
@@ -148,7 +149,8 @@ def test_the_file_is_bounded(pubdir: Path, monkeypatch: pytest.MonkeyPatch) -> N
     dbs = [connections.create_connection("default") for _ in range(3)]
     try:
         for db in dbs:
-            db.ensure_connection()
+            with db.cursor() as cursor:
+                cursor.execute("SELECT 1")
         document = my_file(pubdir)
         assert len(document["connections"]) == 2
         assert document["truncated"] >= 1
@@ -163,7 +165,8 @@ def test_long_strings_are_cut(pubdir: Path) -> None:
 
     def work() -> None:
         db = connections["default"]
-        db.ensure_connection()
+        with db.cursor() as cursor:
+            cursor.execute("SELECT 1")
         seen["doc"] = my_file(pubdir)
         db.close()
 
@@ -183,7 +186,8 @@ def test_a_forked_child_claims_an_inherited_connection_only_once_it_uses_it(
     conf = {"INSPECTOR_DIR": str(path), "POLICY": {"forked": "ignore"}}
     with override_settings(CONNDIAG=conf):
         db = connections.create_connection("default")
-        db.ensure_connection()
+        with db.cursor() as cursor:
+            cursor.execute("SELECT 1")
         try:
             children = [_fork_child(db, use=True), _fork_child(db, use=False)]
             documents = {}
@@ -241,7 +245,8 @@ settings.configure(
 )
 django.setup()
 from django.db import connection
-connection.ensure_connection()
+with connection.cursor() as cursor:
+    cursor.execute("SELECT 1")
 print("published", flush=True)
 if sys.argv[2] == "wait":
     time.sleep(60)
@@ -298,14 +303,18 @@ def test_a_reused_pid_is_not_mistaken_for_the_writer(tmp_path: Path) -> None:
 
 
 def test_default_directory(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """Inside PROMETHEUS_MULTIPROC_DIR when set, else conndiag-<uid> in the temp directory."""
+    """Inside PROMETHEUS_MULTIPROC_DIR when set, else conndiag-<uid> in /dev/shm (memory),
+    else in the temporary directory."""
     from conndiag.conf import parse
 
     monkeypatch.delenv("prometheus_multiproc_dir", raising=False)
     monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
     assert publish.directory(parse({})) == str(tmp_path / "conndiag-connections")
     monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR")
+    assert publish.directory(parse({})) == f"/dev/shm/conndiag-{os.getuid()}"  # Linux: tmpfs
+    monkeypatch.setattr(publish, "SHM", str(tmp_path / "no-shm"))
     assert publish.directory(parse({})).endswith(f"conndiag-{os.getuid()}")
+    assert publish.directory(parse({})).startswith(publish.tempfile.gettempdir())
     assert publish.directory(parse({"INSPECTOR_DIR": "/run/x"})) == "/run/x"
 
 
@@ -335,3 +344,20 @@ def test_readers_skip_broken_files(tmp_path: Path) -> None:
     documents = inspector.read_published(str(tmp_path), clean=False)
     assert [d["pid"] for d in documents] == [os.getpid()]
     assert inspector.owned(documents) == {}
+
+
+def test_a_removed_directory_is_made_again(pubdir: Path) -> None:
+    """A deploy that empties the directory under a running process: the next write recreates
+    it (private again)."""
+    import shutil
+
+    db = connections.create_connection("default")
+    try:
+        with db.cursor() as cursor:
+            cursor.execute("SELECT 1")
+        shutil.rmtree(pubdir)
+        publisher().publish()
+        assert stat.S_IMODE(pubdir.stat().st_mode) == 0o700
+        assert entry_of(my_file(pubdir), db)
+    finally:
+        db.close()
