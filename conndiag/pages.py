@@ -1,6 +1,6 @@
 """``conndiag:connections``: the live connection inspector as a page (see :mod:`.inspector`).
 
-Served by ``path("", include("conndiag.urls"))`` at ``conndiag/connections``. Access: the
+Served by ``path("", include("conndiag.urls"))`` at ``/conndiag/connections``. Access: the
 same rules as ``/metrics`` (:func:`conndiag.views.check_access`: loopback only unless
 ``METRICS_TOKEN`` or ``METRICS_ALLOWED_IPS`` say otherwise) and, for a client that is not on
 loopback and is logged in, ``is_staff``. Plain HTML and CSS from a Django template rendered
@@ -31,7 +31,8 @@ if TYPE_CHECKING:
 #: seconds between two refreshes of the page
 DEFAULT_REFRESH = 5
 MAX_REFRESH = 3600
-TEMPLATE_DIR = os.path.join(os.path.dirname(__file__), "templates")
+#: conndiag's own templates (``templates/conndiag/`` of this package)
+TEMPLATE_DIR = os.path.join(os.path.dirname(__file__), "templates", "conndiag")
 
 
 @functools.lru_cache(maxsize=1)
@@ -94,7 +95,7 @@ def render(report: dict[str, Any], refresh: int) -> str:
         "refresh": refresh,
         "generated": generated.strftime("%Y-%m-%d %H:%M:%S"),
     }
-    return engine().get_template("conndiag/connections.html").render(Context(context))
+    return engine().get_template("connections.html").render(Context(context))
 
 
 @require_safe

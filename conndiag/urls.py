@@ -3,7 +3,7 @@ connection inspector at ``/conndiag/connections``."""
 
 from __future__ import annotations
 
-from django.urls import path
+from django.urls import include, path
 
 from . import pages, views
 
@@ -11,5 +11,6 @@ app_name = "conndiag"
 
 urlpatterns = [
     path("metrics", views.metrics, name="metrics"),
-    path("conndiag/connections", pages.connections, name="connections"),
+    # the connection inspector
+    path("conndiag/", include([path("connections", pages.connections, name="connections")])),
 ]
