@@ -632,6 +632,8 @@ class Metrics:
 _sets: weakref.WeakKeyDictionary[Any, Metrics] = weakref.WeakKeyDictionary()
 _sets_lock = threading.Lock()
 _hooks_installed = False
+#: the process that last swept the multi-process directory at its start
+_swept_pid = 0
 #: the metric set of the most recently built recorder (the runtime's): request ends push it
 _active: Metrics | None = None
 
@@ -653,7 +655,25 @@ def build_metrics(registry: CollectorRegistry | None = None) -> Metrics:
             if metrics is None:
                 metrics = _sets[registry] = Metrics(registry)
                 _install_process_hooks()
+    if _swept_pid != os.getpid():
+        sweep_dead_workers()
     return metrics
+
+
+def sweep_dead_workers() -> None:
+    """At a process's start (its first metrics, or its first connection after a fork):
+    archive the files dead workers left in the multi-process directory (contained)."""
+    global _swept_pid
+    _swept_pid = os.getpid()
+    path = multiprocess_dir()
+    if not path:
+        return
+    try:
+        from .multiprocess import sweep
+
+        sweep(path)
+    except Exception as exc:
+        internal_error("metrics.sweep", exc)
 
 
 def flush(registry: CollectorRegistry | None = None) -> None:
@@ -813,6 +833,8 @@ class MetricsRecorder:
 
     def connection_opened(self, state: ConnState, info: ThreadInfo) -> None:
         m = self.metrics
+        if _swept_pid != process.pid():  # a forked worker's first connection
+            sweep_dead_workers()
         alias, vendor = state.alias, state.vendor
         m.child(m.opened, alias, vendor, state.context_opened).inc()
         if state.open_duration is not None:

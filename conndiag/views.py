@@ -2,7 +2,8 @@
 
 Include it with ``path("", include("conndiag.urls"))``. It serves the default registry, or,
 when ``PROMETHEUS_MULTIPROC_DIR`` is set, a registry with a ``MultiProcessCollector`` that
-aggregates every worker's files (so any worker answers for all of them).
+aggregates every worker's files (so any worker answers for all of them), after sweeping dead
+workers' files into the archive (:mod:`conndiag.multiprocess`).
 
 Access (``CONNDIAG`` keys):
 
@@ -27,13 +28,15 @@ from typing import TYPE_CHECKING
 from django.http import Http404, HttpResponse
 from django.views.decorators.http import require_safe
 
-from . import process
+from . import multiprocess, process
 from .conf import get_config
 from .contain import guard
 from .metrics import flush_all_quietly, multiprocess_dir
 
 #: contained: if pushing the pending numbers fails, the scrape serves what was pushed
 _flush = guard("metrics.flush")(flush_all_quietly)
+#: contained: if the sweep fails, the scrape reads the directory as it is
+_sweep = guard("metrics.sweep")(multiprocess.sweep)
 
 if TYPE_CHECKING:
     from django.http import HttpRequest
@@ -104,11 +107,11 @@ def metrics(request: HttpRequest) -> HttpResponse:
         return denied
     process.check()  # a worker's first scrape may come before its first query
     _flush()  # this process's pending query numbers, so the scrape is exact here
-    if multiprocess_dir():
-        from prometheus_client.multiprocess import MultiProcessCollector
-
+    path = multiprocess_dir()
+    if path:
+        _sweep(path)  # dead workers: live gauges dropped, the rest archived
         registry = CollectorRegistry()
-        MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+        multiprocess.collector_class()(registry, path=path)
     else:
         registry = REGISTRY
     encoder, content_type = choose_encoder(request.META.get("HTTP_ACCEPT", ""))
