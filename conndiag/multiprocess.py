@@ -155,7 +155,11 @@ def locked(path: str, exclusive: bool) -> Iterator[None]:
 def _pid_files(path: str) -> dict[int, list[tuple[str, str]]]:
     """pid -> [(prefix, file name)] of the per-process files conndiag archives."""
     found: dict[int, list[tuple[str, str]]] = {}
-    for name in os.listdir(path):
+    try:
+        names = os.listdir(path)
+    except FileNotFoundError:
+        return found  # no directory (check conndiag.E002 says so): nothing to sweep
+    for name in names:
         m = _PID_FILE.match(name)
         if m is not None and _handled(m["prefix"]):
             found.setdefault(int(m["pid"]), []).append((m["prefix"], name))

@@ -33,10 +33,18 @@ from .conf import get_config
 from .contain import guard
 from .metrics import flush_all_quietly, multiprocess_dir
 
-#: contained: if pushing the pending numbers fails, the scrape serves what was pushed
-_flush = guard("metrics.flush")(flush_all_quietly)
-#: contained: if the sweep fails, the scrape reads the directory as it is
-_sweep = guard("metrics.sweep")(multiprocess.sweep)
+
+@guard("metrics.flush")
+def _before_scrape(path: str | None) -> None:
+    """Push this process's pending numbers (so the scrape is exact here) and, in
+    multi-process mode, archive dead workers' files (their live gauges leave).
+
+    Contained: if either fails, the scrape serves what the directory holds.
+    """
+    flush_all_quietly()
+    if path:
+        multiprocess.sweep(path)
+
 
 if TYPE_CHECKING:
     from django.http import HttpRequest
@@ -106,10 +114,9 @@ def metrics(request: HttpRequest) -> HttpResponse:
     if denied is not None:
         return denied
     process.check()  # a worker's first scrape may come before its first query
-    _flush()  # this process's pending query numbers, so the scrape is exact here
     path = multiprocess_dir()
+    _before_scrape(path)
     if path:
-        _sweep(path)  # dead workers: live gauges dropped, the rest archived
         registry = CollectorRegistry()
         multiprocess.collector_class()(registry, path=path)
     else:
