@@ -205,6 +205,7 @@ def test_concurrent_churn_and_scrapes_keep_exact_totals(tmp_path: Path) -> None:
         timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
     out = json.loads(result.stdout)
     assert out["jobs"] == out["observed"] == out["expected"] == 395
     assert out["busy"] == 0

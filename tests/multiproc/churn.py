@@ -19,6 +19,7 @@ import os
 import signal
 import sys
 import time
+import traceback
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -80,6 +81,16 @@ def scraper(expected: int, stop_file: str, out_fd: int) -> None:
     os._exit(0)
 
 
+def _child(fn: Any, *args: Any) -> None:
+    """Run ``fn`` in a forked child; it never returns into the parent's code."""
+    try:
+        fn(*args)
+    except BaseException:
+        traceback.print_exc()
+        os._exit(1)
+    os._exit(0)
+
+
 def main(options: dict[str, Any]) -> dict[str, Any]:
     workers = int(options.get("workers", 100))
     concurrency = int(options.get("concurrency", 4))
@@ -95,7 +106,7 @@ def main(options: dict[str, Any]) -> dict[str, Any]:
     for _ in range(scrapers):
         pid = os.fork()
         if pid == 0:
-            scraper(expected, stop_file, write_fd)
+            _child(scraper, expected, stop_file, write_fd)
         scraper_pids.append(pid)
     running: set[int] = set()
     started = time.perf_counter()
@@ -109,7 +120,7 @@ def main(options: dict[str, Any]) -> dict[str, Any]:
         if pid == 0:
             if not sweeping:
                 globals()["sweep"] = lambda path: 0
-            worker(i, kill_every > 0 and i % kill_every == 0)
+            _child(worker, i, kill_every > 0 and i % kill_every == 0)
         running.add(pid)
     for pid in running:
         os.waitpid(pid, 0)

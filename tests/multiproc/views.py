@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import time
 
 from django.db import connection
 from django.http import HttpRequest, HttpResponse, JsonResponse
@@ -11,6 +12,12 @@ from tests.testapp.models import Item
 def item_count(request: HttpRequest) -> HttpResponse:
     """Exactly one ORM query; the worker's pid tells the test which worker holds connections."""
     return JsonResponse({"count": Item.objects.count(), "pid": os.getpid()})
+
+
+def sleep(request: HttpRequest) -> HttpResponse:
+    """No database: sleep ``?s=`` seconds (a request uWSGI's harakiri kills)."""
+    time.sleep(float(request.GET.get("s", "5")))
+    return JsonResponse({"pid": os.getpid()})
 
 
 def pid(request: HttpRequest) -> HttpResponse:
