@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING, Any
 from . import process
 from .conf import ACTIONS, CONTEXTS
 from .contain import internal_error
+from .multiprocess import sweep
 from .records import ACTION_LABELS
 
 if TYPE_CHECKING:
@@ -669,8 +670,6 @@ def sweep_dead_workers() -> None:
     if not path:
         return
     try:
-        from .multiprocess import sweep
-
         sweep(path)
     except Exception as exc:
         internal_error("metrics.sweep", exc)

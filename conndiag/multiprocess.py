@@ -128,8 +128,8 @@ class Manifest:
         tmp = os.path.join(path, f".{MANIFEST_NAME}.{os.getpid()}")
         with open(tmp, "w", encoding="utf-8") as f:
             json.dump(data, f)
-            f.flush()
-            os.fsync(f.fileno())
+        # No fsync: the rename is what concurrent readers need, and the directory does not
+        # outlive the server (it must be emptied at every start).
         os.replace(tmp, os.path.join(path, MANIFEST_NAME))
 
     def archive_file(self, path: str, prefix: str) -> str | None:
