@@ -19,10 +19,10 @@ cannot keep: their files are left as prometheus_client leaves them.
 
 Safety (no double count, no loss):
 
-- every sweep holds an exclusive ``flock`` on ``conndiag.lock`` in the directory, and
+- every sweep holds an exclusive ``flock`` on :data:`LOCK_NAME` in the directory, and
   :class:`ArchiveCollector` (what conndiag's view serves) holds a shared one while it reads,
   so a scrape never sees a half-done sweep;
-- the commit point is one atomic ``rename`` of the manifest ``conndiag-archive.json``, which
+- the commit point is one atomic ``rename`` of the manifest (:data:`MANIFEST_NAME`), which
   names the archive's generation and the pids it absorbed. A sweep killed half-way (``kill
   -9``, harakiri of the scraping worker) leaves files the manifest explains: the next sweep
   finishes the job, and :class:`ArchiveCollector` reads the directory as the manifest says
@@ -49,8 +49,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+#: the lock file in the directory (never deleted)
 LOCK_NAME = "conndiag.lock"
-MANIFEST_NAME = "conndiag-archive.json"
+#: the manifest (JSON): the archive's generation, its types, the pids it absorbed
+MANIFEST_NAME = "conndiag-archive.manifest"
 
 #: a live process's file: ``<prefix>_<pid>.db``
 _PID_FILE = re.compile(r"^(?P<prefix>counter|histogram|summary|gauge_[a-z]+)_(?P<pid>\d+)\.db$")

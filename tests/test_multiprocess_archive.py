@@ -104,7 +104,7 @@ def test_sweep_archives_dead_processes_exactly(tmp_path: Path) -> None:
     pid = os.getpid()
     assert names == sorted(
         [
-            "conndiag-archive.json",
+            "conndiag-archive.manifest",
             "conndiag.lock",
             "counter_archive1.db",
             "gauge_max_archive1.db",
@@ -211,5 +211,5 @@ def test_concurrent_churn_and_scrapes_keep_exact_totals(tmp_path: Path) -> None:
     assert out["busy"] == 0
     assert len(out["scrapers"]) == 2
     assert all(s["scrapes"] > 0 and s["bad"] == 0 for s in out["scrapers"]), out["scrapers"]
-    assert sorted(out["files"])[:2] == ["conndiag-archive.json", "conndiag.lock"]
+    assert sorted(out["files"])[:2] == ["conndiag-archive.manifest", "conndiag.lock"]
     assert len(out["files"]) == 4, out["files"]
