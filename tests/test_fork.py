@@ -544,3 +544,22 @@ def test_conndiag_leaves_no_thread_that_makes_fork_warn(tmp_path):
     if sys.version_info >= (3, 12):
         threads, warned = run("with-a-thread")  # the control: the check can see a warning
         assert threads == "threads: 2" and "multi-threaded" in warned
+
+
+@pytest.mark.parametrize("method", ["fork", "forkserver", "spawn"])
+@pytest.mark.parametrize("alias", SERVERS)
+def test_multiprocessing_children_know_their_pid(alias, method, persistent):
+    """A ``multiprocessing`` child of every start method (with a connection open in the
+    parent): conndiag's pid, and the pid of the connection its query ran on, are the child's."""
+    import multiprocessing
+
+    from tests.forkwork import query_and_report
+
+    echo(alias, "parent")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # fork() in a threaded process
+        with multiprocessing.get_context(method).Pool(1) as pool:
+            result = pool.apply(query_and_report, (alias,))
+    assert result["getpid"] != os.getpid()
+    assert result["conndiag"] == result["connection_pid"] == result["getpid"]
+    assert echo(alias, "parent-again") == "parent-again"
