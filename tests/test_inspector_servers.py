@@ -1,4 +1,5 @@
-"""The inspector against real gunicorn workers and a real MariaDB: owned, orphan, shared.
+"""The inspector against real gunicorn/uWSGI workers and a real MariaDB (and PostgreSQL for the
+orphan): owned, orphan, shared.
 
 The site is ``tests.inspector_site`` (``tests.multiproc`` with persistent connections and
 ``POLICY["forked"] = "ignore"``). Workers publish into ``PROMETHEUS_MULTIPROC_DIR``; the
@@ -22,10 +23,13 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
+from django.conf import settings
 
 from tests import servers
 
@@ -70,13 +74,50 @@ def worker_rows(report: dict[str, Any], pids: set[int]) -> dict[int, dict[str, A
     return {sid: r for sid, r in rows(report).items() if {o["pid"] for o in r["owners"]} & pids}
 
 
-def test_orphan_left_by_a_killed_worker(tmp_path: Path) -> None:
+@contextmanager
+def postgres_site_database(name: str) -> Iterator[None]:
+    """A fresh PostgreSQL database ``name`` with ``tests.testapp``'s table, dropped after."""
+    import psycopg
+
+    db = settings.DATABASES["postgres"]
+    params = {
+        "host": db["HOST"],
+        "port": int(db["PORT"]),
+        "user": db["USER"],
+        "password": db["PASSWORD"] or None,
+    }
+    with psycopg.connect(**params, dbname=db["NAME"], autocommit=True) as admin:
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.execute(f'CREATE DATABASE "{name}"')
+    with psycopg.connect(**params, dbname=name, autocommit=True) as conn:
+        conn.execute(
+            "CREATE TABLE testapp_item (id serial PRIMARY KEY, name varchar(100) NOT NULL)"
+        )
+    try:
+        yield
+    finally:
+        with psycopg.connect(**params, dbname=db["NAME"], autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def site(vendor: str, tmp_path: Path) -> tuple[dict[str, str], Any]:
+    """The site's environment and database for ``vendor``."""
+    env = site_env(tmp_path)
+    if vendor == "mysql":
+        return env, servers.mysql_site_database(DB_NAME)
+    env["DJANGO_SETTINGS_MODULE"] = "tests.inspector_site.pg_settings"
+    return env, postgres_site_database(DB_NAME)
+
+
+@pytest.mark.parametrize("vendor", ["mysql", pytest.param("postgres", marks=pytest.mark.postgres)])
+def test_orphan_left_by_a_killed_worker(tmp_path: Path, vendor: str) -> None:
     """Two workers' persistent connections are listed, owned, unflagged (exit 0); after
     ``kill -9`` of a worker whose socket a helper process still holds, its connection is an
-    orphan (exit 1), and the dead worker's file is ignored and removed."""
-    env = site_env(tmp_path)
+    orphan (exit 1), and the dead worker's file is ignored and removed. MariaDB's
+    processlist and PostgreSQL's pg_stat_activity alike."""
+    env, database = site(vendor, tmp_path)
     with (
-        servers.mysql_site_database(DB_NAME),
+        database,
         servers.running(
             "gunicorn", APP, tmp_path, env=env, processes=2, ready_path="/item-count/"
         ) as server,
@@ -110,7 +151,7 @@ def test_orphan_left_by_a_killed_worker(tmp_path: Path) -> None:
             orphan = rows(report)[victim_sid]
             assert orphan["flags"] == ["orphan"], orphan
             assert orphan["owners"] == []
-            assert orphan["server"]["state"] == "Sleep"
+            assert orphan["server"]["state"] in ("Sleep", "idle")
             assert status == 1
             assert not (multiproc / f"{victim}.json").exists()  # the dead worker's file
             assert victim not in {p["pid"] for p in report["processes"]}
