@@ -233,12 +233,39 @@ COLLABORATORS = [
 ]
 
 
+RECORDER_METHODS = [m for m in vars(Recorder) if not m.startswith("_")]
+
+
+def _recorder_classes() -> list[type]:
+    """Every recorder class the runtime builds (every class of a conndiag module that
+    implements the Recorder protocol's ``query`` and ``connection_opened``), except
+    conndiag.testing's listener, which is added only while a test suite watches."""
+    import sys
+
+    found = []
+    for name, module in sorted(sys.modules.items()):
+        if not name.startswith("conndiag.") or name in ("conndiag.records", "conndiag.testing"):
+            continue
+        for value in vars(module).values():
+            if (
+                isinstance(value, type)
+                and value.__module__ == name
+                and "query" in vars(value)
+                and "connection_opened" in vars(value)
+            ):
+                found.append(value)
+    return found
+
+
 def _components() -> list[tuple[str, str]]:
     """(kind, name) of every component to break; names are stable test ids."""
     found = [("guarded", f"{c}:{fn.__qualname__}") for c, fn in contain.GUARDED]
-    recorder_methods = [m for m in vars(Recorder) if not m.startswith("_")]
-    for cls in ("conndiag.events:EventLog", "conndiag.metrics:MetricsRecorder"):
-        found += [("recorder", f"{cls}.{m}") for m in recorder_methods]
+    for cls in _recorder_classes():
+        found += [
+            ("recorder", f"{cls.__module__}:{cls.__name__}.{m}")
+            for m in RECORDER_METHODS
+            if m in vars(cls)
+        ]
     found += [("collaborator", f"{mod}:{path}") for mod, path in COLLABORATORS]
     return found
 
@@ -319,7 +346,8 @@ def test_every_kind_of_component_is_covered():
         "lifecycle.report_abandoned",
     ):
         assert expected in components
-    assert len([k for k, _ in COMPONENTS if k == "recorder"]) == 14
+    recorders = {n.split(":")[1].split(".")[0] for k, n in COMPONENTS if k == "recorder"}
+    assert {"EventLog", "MetricsRecorder", "Publisher"} <= recorders
     assert {component_label(c) for c in components} <= {
         "wrapper",
         "lifecycle",
