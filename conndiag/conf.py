@@ -55,7 +55,9 @@ class Config:
     metrics: bool = True
     metrics_token: str | None = None
     metrics_allowed_ips: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
-    server_facts: str = "connect"
+    #: ``cached`` by default: one probe per alias and process (per TTL), so per-request
+    #: connections (CONN_MAX_AGE=0) cost no round trip each; ``connect`` probes every one
+    server_facts: str = "cached"
     server_facts_ttl: float = 300.0
     replace_stale: bool = False
     stale_margin: float = 0.0

@@ -2,10 +2,13 @@
 
 Learned on the connecting thread right after a connect, never per query and never from
 ``AppConfig.ready()`` (Django 5+ warns about queries there, and under a pre-forking server
-it would open the very connection the workers then share). ``SERVER_FACTS = "connect"``
-probes every new connection (one round trip per connect: exact, since ``init_command`` can
-change the session value); ``"cached"`` probes once per alias and process and reuses the
-answer for ``SERVER_FACTS_TTL`` seconds; ``"off"`` never probes.
+it would open the very connection the workers then share). ``SERVER_FACTS = "cached"`` (the
+default) probes once per alias and process and reuses the answer for ``SERVER_FACTS_TTL``
+seconds: every connection of an alias gets the same ``init_command`` / ``OPTIONS``, so its
+session value is the same, and a site at ``CONN_MAX_AGE = 0`` (a connection per request)
+pays no round trip per request. ``"connect"`` probes every new connection (one round trip
+per connect: exact even for a session that changes its timeout later with ``SET``);
+``"off"`` never probes (no stale detection).
 
 The probe runs on the raw driver cursor, so it bypasses the execute wrappers and is never
 counted as an application query; its SQL carries the :data:`PROBE_MARK` comment so it is

@@ -121,7 +121,7 @@ def test_clean_site_exits_zero_with_the_facts() -> None:
     assert mysql["server"]["wait_timeout_s"] == 28800.0
     assert mysql["server"]["max_connections"] > 0
     assert report["databases"]["default"]["server"] is None
-    assert report["conndiag"]["SERVER_FACTS"] == "connect"
+    assert report["conndiag"]["SERVER_FACTS"] == "cached"  # the default
     assert "PASSWORD" not in json.dumps(report)
 
 

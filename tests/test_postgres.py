@@ -47,8 +47,9 @@ def test_server_id_is_the_backend_pid(events):
     assert opened["connection_id"] == pid
 
 
-def test_server_facts_are_learned_on_connect(events):
+def test_server_facts_are_learned_on_connect(events, settings):
     """The connect probe reads max_connections (and the idle timeouts) once per connection."""
+    settings.CONNDIAG = {"SERVER_FACTS": "connect"}
     db = connections["postgres"]
     db.close()
     Item.objects.using("postgres").count()
@@ -215,3 +216,62 @@ def test_sqlstate_table_uses_known_classes():
 
     assert set(SQLSTATES.values()) <= set(ERROR_CLASSES)
     assert {code for _, code in LIBPQ_MESSAGES} <= set(SQLSTATES)
+
+
+# --- the cost of server facts: round trips counted by the server --------------------------
+
+
+def _transactions_of_test_database() -> int:
+    """``xact_commit`` of the test database, read from the maintenance database (so reading
+    adds nothing), once the server's counters stopped moving (a backend flushes its counts
+    when it exits, just after the client closed it)."""
+    db = connections["postgres"]
+    name = db.settings_dict["NAME"]
+    raw = db.Database.connect(
+        host=db.settings_dict["HOST"],
+        port=int(db.settings_dict["PORT"]),
+        user="postgres",
+        dbname="postgres",
+    )
+    raw.autocommit = True
+    try:
+        cursor = raw.cursor()
+        last, stable_since = -1, time.monotonic()
+        while True:
+            cursor.execute("SELECT pg_stat_clear_snapshot()")
+            cursor.execute("SELECT xact_commit FROM pg_stat_database WHERE datname = %s", (name,))
+            (value,) = cursor.fetchone()
+            if value != last:
+                last, stable_since = value, time.monotonic()
+            elif time.monotonic() - stable_since > 1.2:
+                return int(value)
+            time.sleep(0.1)
+    finally:
+        raw.close()
+
+
+def _round_trips_of_requests(n: int) -> int:
+    """Statements the server ran for ``n`` requests of the ``sync`` view at CONN_MAX_AGE=0."""
+    connections["postgres"].close()
+    before = _transactions_of_test_database()
+    for _ in range(n):
+        wsgi_json("/sync/", "db=postgres")
+    return _transactions_of_test_database() - before
+
+
+def test_default_server_facts_cost_no_round_trip_per_request(settings, pg_settings):
+    """At CONN_MAX_AGE=0 every request opens a connection. With the default SERVER_FACTS the
+    server counts the same statements as with facts off, but for the first connect of the
+    process (one probe per alias and process, refreshed after SERVER_FACTS_TTL); with
+    SERVER_FACTS='connect' it counts one more per request."""
+    assert pg_settings.get("CONN_MAX_AGE", 0) == 0
+    n = 10
+    settings.CONNDIAG = {"SERVER_FACTS": "off"}
+    off = _round_trips_of_requests(n)
+    settings.CONNDIAG = {"SERVER_FACTS": "connect"}
+    per_connect = _round_trips_of_requests(n)
+    settings.CONNDIAG = {}
+    serverfacts.clear_cache()
+    default = _round_trips_of_requests(n)
+    assert per_connect - off == n  # one probe per request
+    assert default - off == 1  # one probe for the whole process

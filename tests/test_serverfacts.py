@@ -31,10 +31,11 @@ def _reconnect() -> Any:
 
 
 def test_connect_mode_learns_the_session_value_on_every_connect(
-    timeout_7: None, events: list[dict[str, Any]]
+    timeout_7: None, events: list[dict[str, Any]], settings: Any
 ) -> None:
     """SERVER_FACTS='connect': each new connection is probed once; init_command's session
     value (not the global one) is what the state and the event carry."""
+    settings.CONNDIAG = {"SERVER_FACTS": "connect"}
     first = _reconnect()
     second = _reconnect()
     assert first.wait_timeout == second.wait_timeout == 7.0
