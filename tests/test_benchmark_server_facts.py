@@ -4,15 +4,12 @@ per request with ``connect``, none with the default ``cached`` once warm, none w
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.conftest import run_python
+
 LINE = re.compile(r"^(\w+)\s+(off|cached|connect)\s+([\d.]+)\s+[-+]\d+µs\s+(\d+)$", re.M)
 
 
@@ -20,25 +17,8 @@ LINE = re.compile(r"^(\w+)\s+(off|cached|connect)\s+([\d.]+)\s+[-+]\d+µs\s+(\d+
 def test_server_facts_benchmark_runs_and_counts_probes_per_mode():
     """2 rounds x 3 requests at CONN_MAX_AGE=0 on MariaDB: 6 probes with ``connect``, 0 with
     ``cached`` (warmed by the first request) and ``off``."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    env.pop("DJANGO_SETTINGS_MODULE", None)
-    out = subprocess.run(
-        [
-            sys.executable,
-            "tests/benchmark_server_facts.py",
-            "--rounds",
-            "2",
-            "--requests",
-            "3",
-            "--vendors",
-            "mysql",
-        ],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=True,
-    ).stdout
+    out = run_python(
+        "tests/benchmark_server_facts.py", "--rounds", "2", "--requests", "3", "--vendors", "mysql"
+    )
     probes = {mode: int(count) for _, mode, _, count in LINE.findall(out)}
     assert probes == {"off": 0, "cached": 0, "connect": 6}, out
