@@ -217,3 +217,22 @@ def test_work_handed_off_inside_the_hatch_follows_one_rule(events):
 
     _detached_thread(run)
     assert outcome == {"thread": "refused:detached", "submit": "refused:detached", "wrapped": "ran"}
+
+
+def test_async_hatch_in_an_async_view_under_asgi(events):
+    """Through the ASGI handler: an async view's ORM work inside ``async with
+    background_db_work()`` is ``background`` and allowed, and the connection it opened is
+    closed by the block (reason ``background_work``), not left to the request's end."""
+    from asgiref.sync import async_to_sync
+
+    from tests.handlers import asgi_get
+
+    status, body = async_to_sync(asgi_get)("/async-hatch/", "db=mysql")
+    assert (status, body) == (200, b'{"count": 0}')
+    queries = of(events, "conndiag.query")
+    assert queries and all(q["context"] == "background" and q["allowed"] for q in queries)
+    # Django 3.2's shared sync thread may still hold an earlier test's connection, which
+    # request_started closes (request_end) before the view runs.
+    reasons = [e["reason"] for e in of(events, "conndiag.connection.closed")]
+    assert reasons[-1] == "background_work"
+    assert set(reasons) <= {"request_end", "background_work"}

@@ -11,6 +11,7 @@ urlpatterns = [
     path("async-to-thread/", views.async_to_thread_view, name="async-to-thread"),
     path("sync-awaits-to-thread/", views.sync_awaits_to_thread_view, name="sync-awaits-to-thread"),
     path("gate/", views.gate_view, name="gate"),
+    path("async-hatch/", views.async_hatch_view, name="async-hatch"),
     path("nothing/", views.nothing_view, name="nothing"),
     path("bench/", views.bench_view, name="bench"),
     path("", include("conndiag.urls")),

@@ -112,6 +112,14 @@ async def gate_view(request: HttpRequest) -> HttpResponse:
     return JsonResponse({"thread": result})
 
 
+async def async_hatch_view(request: HttpRequest) -> HttpResponse:
+    """An async view whose ORM work runs inside ``async with background_db_work()``."""
+    manager = Item.objects.using(_alias(request))
+    async with conndiag.background_db_work():
+        count = await sync_to_async(manager.count)()
+    return JsonResponse({"count": count})
+
+
 def nothing_view(request: HttpRequest) -> HttpResponse:
     if START_HOOK is not None:
         START_HOOK()
