@@ -560,6 +560,8 @@ class Metrics:
         """Push every thread's query numbers, and those of ended threads, into the metrics."""
         if self._pid != os.getpid():
             self.after_fork_in_child()
+        if _swept_pid != self._pid:  # a forked worker's first full flush: its start
+            sweep_dead_workers()
         with self._flush_lock:
             with self._fold_lock:
                 while self._retired:
@@ -662,8 +664,8 @@ def build_metrics(registry: CollectorRegistry | None = None) -> Metrics:
 
 
 def sweep_dead_workers() -> None:
-    """At a process's start (its first metrics, or its first connection after a fork):
-    archive the files dead workers left in the multi-process directory (contained)."""
+    """At a process's start (its first metrics; after a fork, its first connection or full
+    flush): archive the files dead workers left in the multi-process directory (contained)."""
     global _swept_pid
     _swept_pid = os.getpid()
     path = multiprocess_dir()

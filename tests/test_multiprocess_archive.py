@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 from typing import Any
@@ -213,3 +214,56 @@ def test_concurrent_churn_and_scrapes_keep_exact_totals(tmp_path: Path) -> None:
     assert all(s["scrapes"] > 0 and s["bad"] == 0 for s in out["scrapers"]), out["scrapers"]
     assert sorted(out["files"])[:2] == ["conndiag-archive.manifest", "conndiag.lock"]
     assert len(out["files"]) == 4, out["files"]
+
+
+FORKED_WORKERS = textwrap.dedent("""
+    import os, sys
+    import django
+    django.setup()
+    from django.db import connections
+    from conndiag import metrics
+    path = os.environ["PROMETHEUS_MULTIPROC_DIR"]
+
+    def query():
+        with connections["default"].cursor() as c:  # in-memory SQLite: kept across fork
+            c.execute("SELECT 1")
+
+    query()
+    metrics.flush_all_quietly()
+    pids = []
+    for _ in range(3):
+        pid = os.fork()
+        if pid == 0:
+            query()
+            metrics.flush_all_quietly()  # the worker's first full flush: its start sweep
+            os._exit(0)
+        os.waitpid(pid, 0)
+        pids.append(pid)
+    import re
+    left = {int(m[1]) for n in os.listdir(path) if (m := re.search(r"_(\\d+)\\.db$", n))}
+    print(sorted(left & set(pids)), len(pids))
+""")
+
+
+def test_a_forked_worker_sweeps_at_its_first_flush(tmp_path: Path) -> None:
+    """Workers forked from a master that already built the metrics, whose first query uses
+    a connection they did not open (in-memory SQLite): each one sweeps its dead
+    predecessors at its first full flush, so only the last one's files remain."""
+    env = {
+        **os.environ,
+        "PROMETHEUS_MULTIPROC_DIR": str(tmp_path),
+        "DJANGO_SETTINGS_MODULE": "tests.settings",
+        "PYTHONPATH": str(ROOT),
+    }
+    result = subprocess.run(
+        [sys.executable, "-c", FORKED_WORKERS],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    left, forked = result.stdout.strip().splitlines()[-1].rsplit(" ", 1)
+    assert int(forked) == 3
+    assert len(json.loads(left)) == 1  # the last worker's: nobody swept after it
