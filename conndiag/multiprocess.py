@@ -27,8 +27,9 @@ Safety (no double count, no loss):
   -9``, harakiri of the scraping worker) leaves files the manifest explains: the next sweep
   finishes the job, and :class:`ArchiveCollector` reads the directory as the manifest says
   meanwhile (never a dead pid's file and the archive that contains it);
-- a pid is only archived once its process is gone; liveness is checked again under the lock
-  just before its files are read.
+- a pid is only archived once its process is gone; liveness is checked again under the lock,
+  and its files are listed only after that (a process that was still creating files when
+  the directory was first read has them all once it is dead).
 
 Limits: every process writing the directory must share one pid namespace (a server and its
 workers do). A dead worker whose pid is reused, before a sweep saw it dead, by a new process
@@ -256,10 +257,13 @@ def sweep(path: str) -> int:
     with locked(path, exclusive=True):
         manifest = Manifest.read(path)
         _finish(path, manifest)
-        files = _pid_files(path)
-        dead = sorted(pid for pid in files if not alive(pid))
+        dead = sorted(pid for pid in _pid_files(path) if not alive(pid))
         if not dead:
             return 0
+        # Listed again, after the liveness checks: a process that was still creating its
+        # files when the directory was first read has them all now that it is dead (the
+        # files merged must be exactly the files deleted).
+        files = _pid_files(path)
         merged: dict[str, dict[str, tuple[float, float]]] = {}
         for prefix in manifest.prefixes:
             current = manifest.archive_file(path, prefix)

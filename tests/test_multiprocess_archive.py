@@ -267,3 +267,27 @@ def test_a_forked_worker_sweeps_at_its_first_flush(tmp_path: Path) -> None:
     left, forked = result.stdout.strip().splitlines()[-1].rsplit(" ", 1)
     assert int(forked) == 3
     assert len(json.loads(left)) == 1  # the last worker's: nobody swept after it
+
+
+def test_files_a_process_created_just_before_dying_are_archived(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker that creates its histogram file after the sweep first listed the directory
+    and dies before the liveness check: its histogram is archived, not deleted unmerged
+    (found by the hammer test under load: a worker's histogram, or all its files, lost)."""
+    _write(tmp_path, "gauge_livesum", DEAD[0], {("busy", "busy"): 1.0})  # created first
+    real_alive = multiprocess.alive
+    checks = {"n": 0}
+
+    def dies_after_writing(pid: int) -> bool:
+        checks["n"] += 1
+        if checks["n"] == 2:  # the check under the lock, after the directory was listed
+            _write(tmp_path, "counter", pid, {("jobs", "jobs_total"): 5.0})
+            _write(tmp_path, "histogram", pid, {("lat", "lat_bucket"): 5.0})
+        return real_alive(pid)
+
+    monkeypatch.setattr(multiprocess, "alive", dies_after_writing)
+    assert sweep(str(tmp_path)) == 1
+    samples = _samples(tmp_path, collector_class())
+    assert samples['jobs_total{"w": "x"}'] == 5
+    assert samples['lat_bucket{"w": "x"}'] == 5
