@@ -10,13 +10,11 @@ in-memory SQLite is the child's own copy (no alarm).
 
 from __future__ import annotations
 
-import ctypes
 import gc
 import json
 import os
 import threading
 import warnings
-from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -26,6 +24,15 @@ import conndiag
 from conndiag import process
 from conndiag.state import state_of
 from tests.conftest import of
+from tests.forking import (
+    c_fork,
+    c_fork_osafterfork,
+    fork_quietly,
+    in_child,
+    python_fork,
+    read_all,
+    wait_child,
+)
 from tests.handlers import wsgi_get
 from tests.testapp import views
 from tests.testapp.models import Item
@@ -38,52 +45,7 @@ SERVERS = [
 ]
 
 
-def python_fork() -> int:
-    return os.fork()
-
-
-def c_fork() -> int:
-    """fork(2) from C: no at-fork hook runs, other threads' states stay (uWSGI's default)."""
-    return int(ctypes.PyDLL(None).fork())
-
-
-def c_fork_osafterfork() -> int:
-    """fork(2) from C, then PyOS_AfterFork_Child() in the child (uWSGI py-call-osafterfork):
-    the other threads' states are cleared and the after-fork hooks run, but no before hook."""
-    pid = c_fork()
-    if pid == 0:
-        ctypes.pythonapi.PyOS_AfterFork_Child()
-    return pid
-
-
 FORKS = {"os.fork": python_fork, "C fork": c_fork, "C fork + PyOS_AfterFork": c_fork_osafterfork}
-
-
-def in_child(body: Callable[[], Any], fork: Callable[[], int] = python_fork) -> Any:
-    """Fork; the child runs ``body()`` and sends its JSON result back; it never returns to
-    pytest (``os._exit``). Returns the result, or ``{"crash": ...}``."""
-    read, write = os.pipe()
-    with warnings.catch_warnings():
-        # Python 3.12 warns about fork() in a process with threads: tests fork on purpose.
-        warnings.simplefilter("ignore", DeprecationWarning)
-        pid = fork()
-    if pid == 0:
-        os.close(read)
-        try:
-            result = body()
-        except BaseException as exc:
-            result = {"crash": f"{type(exc).__name__}: {exc}"}
-        try:
-            os.write(write, json.dumps(result).encode())
-        finally:
-            os._exit(0)
-    os.close(write)
-    chunks = []
-    while chunk := os.read(read, 65536):
-        chunks.append(chunk)
-    os.close(read)
-    os.waitpid(pid, 0)
-    return json.loads(b"".join(chunks) or b'{"crash": "no answer"}')
 
 
 def server_id(alias: str) -> int | None:
@@ -230,9 +192,7 @@ def test_a_fork_inside_a_transaction_refuses_the_childs_queries(alias, persisten
         with transaction.atomic(using=alias):
             Item.objects.using(alias).create(name="parent")
             parent_session = server_id(alias)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", DeprecationWarning)
-                pid = os.fork()
+            pid = fork_quietly(python_fork)
             if pid == 0:
                 result: dict[str, Any] = {}
                 try:
@@ -261,9 +221,8 @@ def test_a_fork_inside_a_transaction_refuses_the_childs_queries(alias, persisten
         os.write(write, json.dumps(result).encode())
         os._exit(0)
     os.close(write)
-    answer = os.read(read, 65536)
-    os.close(read)
-    os.waitpid(pid, 0)
+    answer = read_all(read, pid)
+    wait_child(pid)
     result = json.loads(answer)
     assert "crash" not in result, result
     assert "inside a transaction (atomic block)" in result["refused"]

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import ctypes
 import os
-import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
 from conndiag import process
+from tests.forking import c_fork, fork_quietly, wait_child
 
 
 @pytest.fixture(autouse=True)
@@ -20,25 +19,16 @@ def _own_callbacks() -> Iterator[None]:
     process._callbacks[:] = saved
 
 
-def _in_child(fork: object, body: object) -> int:
+def _in_child(fork: Callable[[], int], body: Callable[[], int]) -> int:
     """Fork with ``fork()``; the child runs ``body()`` and exits with its return code."""
-    with warnings.catch_warnings():
-        # Python 3.12 warns about fork() in a process with threads; the child only runs body().
-        warnings.simplefilter("ignore", DeprecationWarning)
-        child = fork()  # type: ignore[operator]
+    child = fork_quietly(fork)
     if child == 0:
         code = 99
         try:
-            code = body()  # type: ignore[operator]
+            code = body()
         finally:
             os._exit(code)
-    _, status = os.waitpid(child, 0)
-    return os.waitstatus_to_exitcode(status)
-
-
-def _c_fork() -> int:
-    """fork(2) called from C: Python's at-fork hooks do not run (uWSGI's workers)."""
-    return int(ctypes.PyDLL(None).fork())
+    return wait_child(child)
 
 
 def test_pid_is_this_process():
@@ -56,7 +46,7 @@ def _callbacks_ran_once_with_the_right_pid(ran: list[int]) -> int:
     return 0
 
 
-def test_c_fork_is_detected_at_the_first_call():
+def testc_fork_is_detected_at_the_first_call():
     """After a fork from C, no hook ran: the first pid() call notices, returns the child's
     pid and runs each on_fork callback exactly once, in the child."""
     ran: list[int] = []
@@ -67,7 +57,7 @@ def test_c_fork_is_detected_at_the_first_call():
             return 3  # an at-fork hook ran: this was not a C-level fork
         return _callbacks_ran_once_with_the_right_pid(ran)
 
-    assert _in_child(_c_fork, body) == 0
+    assert _in_child(c_fork, body) == 0
     assert ran == []  # never in the parent
     assert process.pid() == os.getpid()
 
@@ -101,7 +91,7 @@ def test_a_failing_callback_does_not_stop_the_others():
         process.pid()
         return 0 if ran == ["after"] else 5
 
-    assert _in_child(_c_fork, body) == 0
+    assert _in_child(c_fork, body) == 0
 
 
 def test_on_fork_is_idempotent():
@@ -118,7 +108,7 @@ def test_on_fork_is_idempotent():
         process.pid()
         return 0 if ran == [1] else 6
 
-    assert _in_child(_c_fork, body) == 0
+    assert _in_child(c_fork, body) == 0
 
 
 def test_the_fork_page_is_armed_here_and_wiped_in_a_child():
@@ -138,7 +128,7 @@ def test_the_fork_page_is_armed_here_and_wiped_in_a_child():
         process.check()
         return 0 if process._page[0] == 1 and process._pid == os.getpid() else 8
 
-    assert _in_child(_c_fork, body) == 0
+    assert _in_child(c_fork, body) == 0
 
 
 def test_without_the_page_getpid_is_compared(monkeypatch):
@@ -153,5 +143,5 @@ def test_without_the_page_getpid_is_compared(monkeypatch):
             return 9
         return _callbacks_ran_once_with_the_right_pid(ran)
 
-    assert _in_child(_c_fork, body) == 0
+    assert _in_child(c_fork, body) == 0
     assert process._page[0] == 1
