@@ -117,7 +117,7 @@ def connection_fields(state: ConnState, now: float | None = None) -> dict[str, A
         "connection_age_s": _r(state.age(now)),
         "connection_queries": state.queries,
         "connection_pid": state.pid,
-        "connection_thread": state.opened_by.name,
+        "connection_thread": state.opened_by_name,
         "conn_max_age_state": state.conn_max_age_state,
         "conn_max_age_s": state.conn_max_age,
         "health_checks": state.health_checks,
@@ -188,7 +188,7 @@ class EventLog:
             "connection_idle_s": round(q.idle, 6),
             "connection_queries": state.queries,
             "connection_pid": state.pid,
-            "connection_thread": state.opened_by.thread.name,
+            "connection_thread": state.opened_by_name,
             "conn_max_age_state": state.conn_max_age_state,
             "conn_max_age_s": state.conn_max_age,
             "recycle_in_s": None if recycle_in is None else round(recycle_in, 6),
@@ -217,7 +217,7 @@ class EventLog:
             return
         if q.action == "raise" or q.action == "log":
             fields = self._query_fields(q)
-            fields["message"] = explain(
+            fields["message"] = q.message or explain(
                 q.context, q.state.alias, q.state.vendor, q.state, q.info, q.scope
             )
             if q.action == "raise":

@@ -34,7 +34,8 @@ from .classify import FORKED, classify
 from .contain import internal_error
 from .exceptions import ConnDiagError
 from .lifecycle import discard_inherited, reopen
-from .policy import IN_TRANSACTION_FORKED, refusal
+from .policy import IN_TRANSACTION_FORKED
+from .policy import refuse as refusal_of
 from .records import Query
 from .stale import can_replace
 from .state import STATE_ATTR
@@ -51,10 +52,10 @@ if TYPE_CHECKING:
 def refuse(db: BaseDatabaseWrapper, q: Query, rt: Runtime, note: str = "") -> NoReturn:
     """Record and raise the refusal of ``q``; the inherited connection is dropped first."""
     q.action = "raise"
+    error = refusal_of(q, note)
     rt.record_query(q)
-    state = q.state
     discard_inherited(db)
-    raise refusal("forked", state.alias, state.vendor, state, q.info, q.scope, note)
+    raise error
 
 
 def check_replaceable(db: BaseDatabaseWrapper, q: Query, rt: Runtime) -> None:

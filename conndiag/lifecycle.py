@@ -34,7 +34,7 @@ from .classify import classify
 from .conf import get_config
 from .contain import guard, internal_error
 from .diagnosis import diagnose
-from .policy import refusal
+from .policy import refuse
 from .records import Query
 from .state import STATE_ATTR, ConnState
 
@@ -182,8 +182,10 @@ def _refuse_connect(
     state.connecting = False
     state.closed = True
     state.close_reason = "refused"
-    rt.record_query(Query(db, state, info, context, rs, "raise", "", None, False, 0.0))
-    raise refusal(context, db.alias, db.vendor, None, info, rs)
+    q = Query(db, state, info, context, rs, "raise", "", None, False, 0.0)
+    error = refuse(q)
+    rt.record_query(q)
+    raise error
 
 
 def mark_closed(db: BaseDatabaseWrapper, state: ConnState, reason: str) -> None:

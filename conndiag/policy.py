@@ -14,9 +14,13 @@ from . import process
 from .exceptions import ERRORS_BY_CONTEXT, UnsafeQueryError
 
 if TYPE_CHECKING:
+    from .records import Query
     from .scope import RequestScope
     from .state import ConnState
     from .threads import ThreadInfo
+
+#: how every refusal's message begins
+REFUSED = "conndiag refused "
 
 WHY_DETACHED = (
     "Django closes and recycles database connections only on the request thread, around "
@@ -129,7 +133,7 @@ def refusal(
     note: str = "",
 ) -> UnsafeQueryError:
     """The exception to raise for a refused query, carrying the facts as attributes."""
-    msg = "conndiag refused " + explain(context, alias, vendor, state, info, rs, note)
+    msg = REFUSED + explain(context, alias, vendor, state, info, rs, note)
     cls = ERRORS_BY_CONTEXT[context]
     return cls(
         msg,
@@ -149,3 +153,17 @@ def refusal(
         connection_age=state.age() if state is not None else None,
         connection_opened_by_pid=state.pid if state is not None else None,
     )
+
+
+def refuse(q: Query, note: str = "") -> UnsafeQueryError:
+    """The exception refusing ``q``; its account is kept on ``q.message`` for the recorders.
+
+    Recorders run before the exception is raised: computing the words once means the
+    refusal event and the traceback never disagree (say, "still running" in one and "which
+    returned 0.0 s ago" in the other, when the request returned in between).
+    """
+    state = q.state
+    conn = None if state.close_reason == "refused" else state  # refused before connecting
+    error = refusal(q.context, state.alias, state.vendor, conn, q.info, q.scope, note)
+    q.message = str(error)[len(REFUSED) :]
+    return error

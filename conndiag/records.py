@@ -51,6 +51,7 @@ class Query:
         "info",
         "inherited",
         "many",
+        "message",
         "params",
         "scope",
         "sql",
@@ -89,6 +90,9 @@ class Query:
         self.diagnosis: Diagnosis | None = None
         #: the connection inherited across fork this query's connection replaced, if any
         self.inherited: ConnState | None = None
+        #: a refused query's account, computed once (``policy.refuse``): the refusal event
+        #: and the exception say the same words, even if the request returns in between
+        self.message: str | None = None
 
 
 class Recorder(Protocol):

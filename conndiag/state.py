@@ -45,6 +45,7 @@ class ConnState:
         "open_duration",
         "opened",
         "opened_by",
+        "opened_by_name",
         "opened_wall",
         "pid",
         "private",
@@ -62,6 +63,8 @@ class ConnState:
         self.opened = time.perf_counter()
         self.opened_wall = time.time()
         self.opened_by = opened_by
+        #: the opener's name then (a server renames its worker's thread after forking it)
+        self.opened_by_name = opened_by.name
         self.pid = process.pid()
         #: the connection is memory of this process (in-memory SQLite), not a socket to a
         #: server: a fork copies it, so the child's copy is the child's own

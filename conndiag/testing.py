@@ -261,7 +261,7 @@ class _Listener:
             message = (
                 "conndiag "
                 + verb
-                + explain(q.context, state.alias, state.vendor, state, q.info, rs)
+                + (q.message or explain(q.context, state.alias, state.vendor, state, q.info, rs))
             )
         event = Event(
             name=name,

@@ -18,7 +18,7 @@ from .diagnosis import CONNECTION_BROKEN, diagnose
 from .exceptions import ConnDiagError
 from .lifecycle import hook, pending_abandoned, report_abandoned
 from .lifecycle import install as install_hooks
-from .policy import refusal
+from .policy import refuse
 from .records import Query
 from .state import STATE_ATTR
 
@@ -81,8 +81,9 @@ class ExecuteWrapper:
             if action == "raise":
                 if ctx == FORKED:
                     forked.refuse(db, q, rt)  # and drop the connection: the next query works
+                error = refuse(q)
                 rt.record_query(q)
-                raise refusal(ctx, state.alias, state.vendor, state, info, rs)
+                raise error
             if action == "replace":  # forked only (conf allows it nowhere else)
                 forked.check_replaceable(db, q, rt)  # refuses inside a transaction
                 inherited = True

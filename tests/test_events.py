@@ -138,3 +138,24 @@ def test_every_event_name_is_namespaced():
     """Event names are stable and all start with ``conndiag.``."""
     assert all(name.startswith("conndiag.") for name in ev.EVENTS)
     assert len(set(ev.EVENTS)) == len(ev.EVENTS)
+
+
+def test_connection_thread_is_the_openers_name_when_it_connected(events):
+    """A server renames its worker's thread after forking it (uWSGI's "uWSGIWorker1Core0"
+    for the thread that was the master's): ``connection_thread`` keeps the name the opening
+    thread had when it connected, while ``thread_name`` is the running thread's name now."""
+    import threading
+
+    def work() -> None:
+        with connections["mysql"].cursor() as cursor:
+            cursor.execute("SELECT 1")
+            threading.current_thread().name = "renamed-later"
+            cursor.execute("SELECT 2")
+        connections["mysql"].close()
+
+    t = threading.Thread(target=work, name="the-opener")
+    t.start()
+    t.join()
+    queries = [e for e in of(events, "conndiag.query") if e["thread_name"] == "renamed-later"]
+    assert queries
+    assert {e["connection_thread"] for e in queries} == {"the-opener"}

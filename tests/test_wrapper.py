@@ -55,6 +55,38 @@ def test_refusal_happens_before_the_database(events):
     assert refused["duration_s"] is None
 
 
+def test_the_refusal_event_and_the_exception_say_the_same(events):
+    """The refusal's words are computed once: when the originating request returns while
+    the refusal is being recorded (another thread finishing it), the event's ``message`` and
+    the exception still agree (both "still running" here), instead of one saying "still
+    running" and the other "which returned 0.0 s ago"."""
+    from conndiag.records import Recorder
+    from conndiag.scope import RequestScope
+    from conndiag.threads import current
+
+    info = current()
+    rs = RequestScope(info)
+    rs.method, rs.path = "POST", "/ops/trigger-job"
+    info.origin = rs
+
+    class FinishesTheRequest(Recorder):
+        def query(self, q):
+            rs.finish()  # the request returns between the event and the raise
+
+    listener = FinishesTheRequest()
+    runtime.add_listener(listener)
+    try:
+        with pytest.raises(conndiag.DetachedQueryError) as caught:
+            Item.objects.using("mysql").create(name="never")
+    finally:
+        info.origin = None
+        runtime.remove_listener(listener)
+    (refused,) = of(events, "conndiag.query.refused")
+    assert "still running" in refused["message"]
+    words = str(caught.value).removeprefix("conndiag refused ")
+    assert refused["message"].endswith(words)  # the stdlib backend prefixes the event name
+
+
 def test_log_policy_runs_the_query_and_warns(events):
     """With POLICY detached='log' the query runs and a flagged warning is emitted."""
     from conndiag.scope import RequestScope
