@@ -155,8 +155,11 @@ def _policy(key: str, value: object) -> Mapping[str, str]:
     merged = dict(DEFAULT_POLICY)
     for context, action in value.items():
         if context not in CONTEXTS:
-            where = f"CONNDIAG[{key!r}]"
-            raise _fail(where, context, "one of the contexts " + ", ".join(CONTEXTS))
+            msg = (
+                f"CONNDIAG[{key!r}] has an unknown context {context!r} (set to {action!r}): "
+                f"expected one of the contexts {', '.join(CONTEXTS)}."
+            )
+            raise ImproperlyConfigured(msg)
         allowed = [a for a in ACTIONS if context in ACTION_CONTEXTS.get(a, (context,))]
         if action not in allowed:
             where = f"CONNDIAG[{key!r}][{context!r}]"

@@ -45,6 +45,17 @@ def test_replace_is_for_forked_only():
     assert "'raise', 'log', 'ignore'" in message and "'replace'" not in message.split("expected")[1]
 
 
+def test_an_unknown_policy_context_is_named_as_a_context():
+    """A misspelt context is reported as an unknown key of POLICY, with its value and the
+    contexts allowed (not as if POLICY itself were the misspelt word)."""
+    with pytest.raises(ImproperlyConfigured) as info:
+        conf.parse({"POLICY": {"detachd": "log"}})
+    assert str(info.value) == (
+        "CONNDIAG['POLICY'] has an unknown context 'detachd' (set to 'log'): expected one of "
+        "the contexts request, cross_thread, detached, forked, background."
+    )
+
+
 @pytest.mark.parametrize(
     ("raw", "named"),
     [
