@@ -119,9 +119,10 @@ COMPONENTS = (
     "metrics",
     "process",
     "testing",
+    "inspector",
     "other",
 )
-_COMPONENT_ALIASES = {"EventLog": "events", "MetricsRecorder": "metrics"}
+_COMPONENT_ALIASES = {"EventLog": "events", "MetricsRecorder": "metrics", "Publisher": "inspector"}
 
 # Layout of one accumulator (a flat list of floats, see _Acc).
 _DUR_B = (*(float(b) for b in DURATION_BUCKETS), INF)

@@ -95,9 +95,14 @@ def test_a_recorder_that_cannot_be_built_is_left_out_and_reported(monkeypatch, e
 def test_every_component_conndiag_reports_has_its_own_metric_label():
     """Each component a guarded step or an ``internal_error`` call names maps to its own
     ``component`` label of ``conndiag_internal_errors_total``, not to ``other``."""
+    from conndiag import events, metrics, publish
     from conndiag.metrics import component_label
 
     named = {component for component, _ in contain.GUARDED}
+    # the runtime names a recorder's failures after its class, a build's after its name
+    for recorder in (events.EventLog, metrics.MetricsRecorder, publish.Publisher):
+        named.add(f"{recorder.__name__}.query")
+    named |= {f"{name}.build" for name in ("events", "metrics", "inspector")}
     for module in sorted((ROOT / "conndiag").rglob("*.py")):
         named |= set(re.findall(r'internal_error\(\s*f?"([\w.]+)', module.read_text()))
     assert named

@@ -534,8 +534,8 @@ def main(argv: list[str] | None = None) -> int:
             demo.get("/ops/export-report")
             print(f"==> driving {args.requests} requests through every endpoint", flush=True)
             print(demo.load(requests=args.requests, concurrency=args.concurrency), flush=True)
-            # Let the threads the broken endpoints started finish and log, and every worker
-            # flush its numbers into the multi-process metrics (conndiag flushes every second).
+            # Let the threads the broken endpoints started finish and log (requests push their
+            # numbers as they end; a thread's numbers are pushed when it ends or queries again).
             time.sleep(2.0)
             summary = demo.summary()
             print()
