@@ -96,16 +96,22 @@ class Query:
 
 
 class Recorder(Protocol):
-    """What the runtime calls. Methods must be cheap and must not touch the database."""
+    """What the runtime calls. Methods must be cheap and must not touch the database.
+
+    A recorder may subclass it to inherit a no-op for each method it has nothing to do for.
+    """
 
     def query(self, q: Query) -> None:
         """After every query that ran (or was refused), successful or not."""
+        return None
 
     def connection_opened(self, state: ConnState, info: ThreadInfo) -> None:
         """After a connection was opened (``state.open_duration`` is set)."""
+        return None
 
     def connection_closed(self, state: ConnState, reason: str) -> None:
         """After a connection was closed, or found abandoned (``reason``)."""
+        return None
 
     def connect_failed(
         self,
@@ -117,12 +123,19 @@ class Recorder(Protocol):
         diagnosis: Diagnosis,
     ) -> None:
         """After an attempt to connect failed."""
+        return None
 
     def stale(self, q: Query, wait_timeout: float, replaced: bool) -> None:
         """Before a query on a connection idle past the server's ``wait_timeout``."""
+        return None
+        return None
 
     def server_facts(self, state: ConnState, facts: dict[str, Any]) -> None:
         """After server facts (``wait_timeout``, ``max_connections``) were learned."""
+        return None
+        return None
 
     def internal_error(self, component: str, error: BaseException, first: bool) -> None:
         """After conndiag's own code failed (``first``: the first failure of its kind)."""
+        return None
+        return None

@@ -50,9 +50,10 @@ from . import events as event_names
 from .conf import CONTEXTS
 from .exceptions import UnsafeQueriesFound
 from .policy import explain
+from .records import Recorder
 
 if TYPE_CHECKING:
-    from .records import Diagnosis, Query
+    from .records import Query
     from .scope import RequestScope
     from .state import ConnState
     from .threads import ThreadInfo
@@ -232,8 +233,12 @@ class Owner:
 # --- the watch ------------------------------------------------------------------------------
 
 
-class _Listener:
-    """The recorder the watch adds to the runtime: cheap unless the query is unsafe."""
+class _Listener(Recorder):
+    """The recorder the watch adds to the runtime: cheap unless the query is unsafe.
+
+    It inherits the Recorder protocol's no-op methods for what it does not record
+    (connect failures, stale connections, server facts, conndiag's own errors, and any
+    method added to the protocol later)."""
 
     __slots__ = ("watch",)
 
@@ -304,36 +309,6 @@ class _Listener:
             reason=reason,
         )
         self.watch.add(owner, event)
-
-    def connect_failed(
-        self,
-        alias: str,
-        vendor: str,
-        info: ThreadInfo,
-        context: str,
-        duration: float,
-        diagnosis: Diagnosis,
-    ) -> None:
-        pass
-
-    def stale(self, q: Query, wait_timeout: float, replaced: bool) -> None:
-        pass
-
-    def server_facts(self, state: ConnState, facts: dict[str, Any]) -> None:
-        pass
-
-    def internal_error(self, component: str, error: BaseException, first: bool) -> None:
-        pass
-
-    def __getattr__(self, name: str) -> Callable[..., None]:
-        # A recorder method added to conndiag after this listener: nothing to record.
-        if name.startswith("_"):
-            raise AttributeError(name)
-        return _ignore
-
-
-def _ignore(*args: Any, **kwargs: Any) -> None:
-    pass
 
 
 class _OwnedTask:

@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 
 from tests import servers
-from tests.servers import wait_for
+from tests.servers import sample, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.mysql]
 
@@ -33,16 +33,6 @@ DB_NAME = "conndiag_uwsgi" + os.environ.get("CONNDIAG_TEST_DB_SUFFIX", "")
 LABELS = {"alias": "default", "vendor": "mysql"}
 QUERIES = {**LABELS, "context": "request", "action": "observed"}
 PID_FILE = re.compile(r"_(\d+)\.db$")
-
-
-def sample(text: str, name: str, **labels: str) -> float | None:
-    """The value of ``name{labels}`` in an exposition (labels: the exact set)."""
-    wanted = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
-    prefix = f"{name}{{{wanted}}} " if labels else f"{name} "
-    for line in text.splitlines():
-        if line.startswith(prefix):
-            return float(line[len(prefix) :])
-    return None
 
 
 def processlist(admin: Any) -> int:
