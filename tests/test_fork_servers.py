@@ -117,7 +117,11 @@ def test_uwsgi_prefork_replaces_the_masters_connection_in_every_worker(
     assert len(dropped) == len(served_by)
     assert {e["connection_pid"] for e in dropped} == {master}
     queries = [e for e in events if e["event"] == "conndiag.query"]
-    assert {e["pid"] for e in queries if e["context"] == "request"} == served_by
+    # Request queries carry the worker's pid; a worker whose only request was the replaced
+    # one (uWSGI may hand a loaded worker few requests) logged no routine query at all.
+    requests = {e["pid"] for e in queries if e["context"] == "request"}
+    assert requests <= served_by
+    assert requests | {e["pid"] for e in replaced} == served_by
     assert {e["pid"] for e in queries if e["context"] == "background"} == {master}  # the import
 
 
