@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 from django.conf import settings
 
-from tests.conftest import unavailable
+from tests.conftest import require_tool, unavailable
 
 REPO = Path(__file__).resolve().parent.parent
 SITE = REPO / "demo_site"
@@ -465,6 +465,61 @@ def test_demo_once_cleans_up(tmp_path: Path) -> None:
     assert "past_max_age" in table, table
     assert _demo_processes(port) == []
     assert list((tmp_path / "tmp").glob("conndiag-demo-prom-*")) == []
+    assert not runner.port_in_use(port)
+
+
+@pytest.mark.slow
+def test_demo_uwsgi_behind_nginx_once(tmp_path: Path) -> None:
+    """``--server uwsgi --once``: uWSGI (master, 2 lazy-apps workers) behind Nginx over the
+    uwsgi protocol serves the burst; the printed summary (from /metrics, merged over the
+    workers) agrees with the log's refusals; every process and temporary directory is gone."""
+    require_tool("nginx", "nginx")
+    port = runner.free_port()
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(SITE / "demo" / "runner.py"),
+            "--server",
+            "uwsgi",
+            "--once",
+            "--port",
+            str(port),
+            "--workers",
+            "2",
+            "--requests",
+            "24",
+        ],
+        env=_runner_env(tmp_path),
+        cwd=str(REPO),
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
+    out = proc.stdout
+    assert proc.returncode == 0, out + proc.stderr
+    assert "starting uWSGI (2 processes x 4 threads, master, lazy-apps) behind Nginx" in out
+    assert "errors:   0" in out, out
+    uwsgi_log = (tmp_path / "var" / "uwsgi.log").read_text()
+    assert "spawned uWSGI worker 2" in uwsgi_log, uwsgi_log
+    assert "goodbye to uWSGI" in uwsgi_log, uwsgi_log  # stopped by SIGTERM (die-on-term)
+    caught = re.search(r"detached queries caught:\s+(\d+)", out)
+    refused = re.search(
+        r"conndiag\.query\.refused in the log: (\d+) \(jobs lost by the broken endpoints: (\d+)\)",
+        out,
+    )
+    assert caught and refused, out
+    events = runner.read_log(tmp_path / "var" / "demo.log")
+    in_log = len(_named(events, "conndiag.query.refused"))
+    # 24 requests round-robin over 6 endpoints: 4 to each of the two broken ones
+    assert int(caught.group(1)) == int(refused.group(1)) == in_log >= 8, out
+    assert int(refused.group(2)) == len(_named(events, "jobs.job.lost")) == in_log
+    table = out[out.index("Every worker's connections") :]
+    assert "2 live process(es)" in table, table  # both uWSGI workers publish
+    assert "opened in GET /ops/export-report" in table, table
+    assert "past_max_age" in table, table
+    assert _demo_processes(port) == []
+    assert list((tmp_path / "tmp").glob("conndiag-demo-*")) == []
     assert not runner.port_in_use(port)
 
 

@@ -1,12 +1,15 @@
 """Run the demo: migrate, serve under gunicorn (several workers x threads, multi-process
 metrics), drive a burst of traffic, summarize what conndiag saw, serve until interrupted.
+``--server uwsgi`` serves it on the original report's stack instead: uWSGI (prefork,
+``--master --processes N --lazy-apps``) behind Nginx speaking the uwsgi protocol.
 
 ``scripts/demo`` prepares a virtualenv and then runs ``python demo_site/demo/runner.py``; the
 smoke tests (``tests/test_demo.py``) use :class:`Demo` directly. This module imports neither
 Django nor the site: it drives them in subprocesses, with the interpreter it is given.
 
-Stopping is clean: gunicorn runs in its own process group, which is sent SIGTERM (then
-SIGKILL after a grace period), and the ``PROMETHEUS_MULTIPROC_DIR`` is removed.
+Stopping is clean: gunicorn (or uWSGI, with ``--die-on-term``) runs in its own process group,
+which is sent SIGTERM (then SIGKILL after a grace period); Nginx, in its own group too, gets
+SIGQUIT (graceful shutdown); the ``PROMETHEUS_MULTIPROC_DIR`` and Nginx's prefix are removed.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import time
 import urllib.error
 import urllib.request
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -36,6 +40,7 @@ sys.path.insert(0, str(SITE_DIR))
 from demo import dburl  # noqa: E402
 
 DEFAULT_MYSQL_URL = "mysql://root@127.0.0.1:3306/conndiag_demo"
+SERVERS = ("gunicorn", "uwsgi")
 REFUSED = "conndiag.query.refused"
 FLAGGED = "conndiag.query.flagged"
 
@@ -91,6 +96,74 @@ def drop_mysql_database(url: str) -> None:
         conn.cursor().execute(f"DROP DATABASE IF EXISTS `{name}`")
     finally:
         conn.close()
+
+
+# -- uWSGI behind Nginx -------------------------------------------------------------------
+
+# The request variables uWSGI needs (Debian's /etc/nginx/uwsgi_params, inlined: the demo's
+# Nginx reads nothing of the system's configuration).
+UWSGI_PARAMS = (
+    "QUERY_STRING $query_string",
+    "REQUEST_METHOD $request_method",
+    "CONTENT_TYPE $content_type",
+    "CONTENT_LENGTH $content_length",
+    "REQUEST_URI $request_uri",
+    "PATH_INFO $document_uri",
+    "DOCUMENT_ROOT $document_root",
+    "SERVER_PROTOCOL $server_protocol",
+    "REQUEST_SCHEME $scheme",
+    "HTTPS $https if_not_empty",
+    "REMOTE_ADDR $remote_addr",
+    "REMOTE_PORT $remote_port",
+    "SERVER_PORT $server_port",
+    "SERVER_NAME $server_name",
+)
+
+
+def nginx_binary() -> str:
+    """Debian's ``nginx`` (``scripts/demo --server uwsgi`` installs it when missing)."""
+    found = shutil.which("nginx") or next(
+        (p for p in ("/usr/sbin/nginx", "/usr/local/sbin/nginx") if os.access(p, os.X_OK)), None
+    )
+    if found is None:
+        msg = "nginx is not installed (apt-get install nginx; scripts/demo does it as root)"
+        raise DemoError(msg)
+    return found
+
+
+def nginx_config(prefix: Path, port: int, upstream_port: int) -> str:
+    """A foreground Nginx on 127.0.0.1:``port`` passing every request to uWSGI's socket on
+    127.0.0.1:``upstream_port``; every path it writes is under ``prefix``."""
+    params = "\n".join(f"            uwsgi_param {p};" for p in UWSGI_PARAMS)
+    temp = "\n".join(
+        f"    {kind}_temp_path {prefix / (kind + '_temp')};"
+        for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+    )
+    return f"""daemon off;
+master_process on;
+worker_processes 1;
+pid {prefix / "nginx.pid"};
+error_log {prefix / "error.log"} notice;
+events {{
+    worker_connections 512;
+}}
+http {{
+    access_log off;
+{temp}
+    upstream conndiag_demo {{
+        server 127.0.0.1:{upstream_port};
+    }}
+    server {{
+        listen 127.0.0.1:{port};
+        server_name localhost;
+        location / {{
+{params}
+            uwsgi_pass conndiag_demo;
+            uwsgi_read_timeout 60s;
+        }}
+    }}
+}}
+"""
 
 
 # -- reading what conndiag saw -------------------------------------------------------------
@@ -159,6 +232,10 @@ class Summary:
     jobs_lost: int = 0
     metrics_error: str | None = None
 
+    def agrees(self) -> bool:
+        """The metrics' refused (raised) detached queries are the log's refusal events."""
+        return self.metrics_error is None and int(self.detached_raised) == self.refused_events
+
     def render(self) -> str:
         lines = ["What conndiag saw:"]
         if self.metrics_error:
@@ -223,7 +300,8 @@ def summarize(
 
 
 class Demo:
-    """One run of the demo site under gunicorn. Use as a context manager: it always stops."""
+    """One run of the demo site under gunicorn, or (``server="uwsgi"``) under uWSGI behind
+    Nginx. Use as a context manager: it always stops."""
 
     def __init__(
         self,
@@ -237,7 +315,12 @@ class Demo:
         threads: int = 4,
         server_output: IO[Any] | Path | None = None,
         extra_env: dict[str, str] | None = None,
+        server: str = "gunicorn",
     ) -> None:
+        if server not in SERVERS:
+            msg = f"unknown server {server!r}: one of {', '.join(SERVERS)}"
+            raise DemoError(msg)
+        self.server = server
         self.python = python
         self.port = port if port is not None else free_port()
         self.database_url = database_url or None
@@ -246,12 +329,14 @@ class Demo:
         self.workers = workers
         self.threads = threads
         self.server_output = (
-            server_output if server_output is not None else (self.var_dir / "gunicorn.log")
+            server_output if server_output is not None else (self.var_dir / f"{server}.log")
         )
         self.extra_env = extra_env or {}
         self.url = f"http://127.0.0.1:{self.port}"
         self.multiproc_dir: Path | None = None
-        self.process: subprocess.Popen[bytes] | None = None
+        self.process: subprocess.Popen[bytes] | None = None  # gunicorn's or uWSGI's master
+        self.proxy: subprocess.Popen[bytes] | None = None  # Nginx's master (uwsgi mode)
+        self.nginx_prefix: Path | None = None
         self.log_offset = 0
         self._output_file: IO[Any] | None = None
 
@@ -337,8 +422,51 @@ class Demo:
                 raise DemoError(msg) from exc
         self.manage("migrate", "--no-input", "-v", "0")
 
+    def describe(self) -> str:
+        """What serves the demo, for the operator."""
+        if self.server == "uwsgi":
+            return (
+                f"uWSGI ({self.workers} processes x {self.threads} threads, master, lazy-apps) "
+                f"behind Nginx (uwsgi protocol), multi-process metrics"
+            )
+        return f"gunicorn ({self.workers} workers x {self.threads} threads, multi-process metrics)"
+
+    def uwsgi_command(self, socket_port: int) -> list[str]:
+        """uWSGI as docs/metrics.md's tested configuration: master, prefork, lazy-apps,
+        ``die-on-term``; it speaks the uwsgi protocol on 127.0.0.1:``socket_port``."""
+        binary = Path(self.python).with_name("uwsgi")
+        if not os.access(binary, os.X_OK):
+            msg = f"no uwsgi next to {self.python} (pip install uwsgi; scripts/demo does it)"
+            raise DemoError(msg)
+        return [
+            str(binary),
+            "--socket",
+            f"127.0.0.1:{socket_port}",
+            "--master",
+            "--processes",
+            str(self.workers),
+            "--threads",
+            str(self.threads),
+            "--lazy-apps",  # each worker loads the app: no connection shared across fork
+            "--die-on-term",  # SIGTERM stops uWSGI 2.0 (without it, SIGTERM reloads)
+            "--need-app",
+            "--strict",
+            "--module",
+            "demo.wsgi:application",
+            "--chdir",
+            str(SITE_DIR),
+            "--pythonpath",
+            str(SITE_DIR),
+            "--home",
+            str(Path(self.python).parent.parent),
+            "--procname-prefix-spaced",
+            "conndiag-demo",
+            "--disable-logging",  # conndiag and the site log every request's queries already
+        ]
+
     def start(self, ready_timeout: float = 30.0) -> None:
-        """Start gunicorn in its own process group and wait until it answers."""
+        """Start the server in its own process group (uwsgi mode: uWSGI, then Nginx in front,
+        each in its own group) and wait until it answers."""
         if port_in_use(self.port):
             msg = f"port {self.port} on 127.0.0.1 is in use: set DEMO_PORT to a free port"
             raise DemoError(msg)
@@ -349,25 +477,52 @@ class Demo:
             output: Any = self._output_file
         else:
             output = self.server_output
+        if self.server == "uwsgi":
+            nginx = nginx_binary()
+            socket_port = free_port()
+            command = self.uwsgi_command(socket_port)
+        else:
+            command = [
+                self.python,
+                "-m",
+                "gunicorn",
+                "-c",
+                str(SITE_DIR / "demo" / "gunicorn_conf.py"),
+            ]
         self.process = subprocess.Popen(
-            [self.python, "-m", "gunicorn", "-c", str(SITE_DIR / "demo" / "gunicorn_conf.py")],
+            command,
             env=self.env(),
             cwd=str(SITE_DIR),
             stdout=output,
             stderr=subprocess.STDOUT,
             start_new_session=True,  # its own process group: stop() signals all of it
         )
+        if self.server == "uwsgi":
+            self.nginx_prefix = Path(tempfile.mkdtemp(prefix="conndiag-demo-nginx-"))
+            self.nginx_prefix.chmod(0o755)  # Nginx's workers (not root) reach its temp dirs
+            conf = self.nginx_prefix / "nginx.conf"
+            conf.write_text(nginx_config(self.nginx_prefix, self.port, socket_port))
+            self.proxy = subprocess.Popen(
+                # -e: the start-up error log too is ours, not /var/log/nginx/error.log
+                [nginx, "-p", str(self.nginx_prefix), "-c", str(conf), "-e", "stderr"],
+                env=self.env(),
+                cwd=str(self.nginx_prefix),
+                stdout=output,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         self.wait_ready(ready_timeout)
 
     def wait_ready(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if self.process is not None and self.process.poll() is not None:
-                msg = (
-                    f"gunicorn exited with status {self.process.returncode} before answering; "
-                    f"see {self.server_output}"
-                )
-                raise DemoError(msg)
+            for name, proc in ((self.server, self.process), ("nginx", self.proxy)):
+                if proc is not None and proc.poll() is not None:
+                    msg = (
+                        f"{name} exited with status {proc.returncode} before answering; "
+                        f"see {self.server_output}"
+                    )
+                    raise DemoError(msg)
             try:
                 with urllib.request.urlopen(self.url + "/", timeout=2) as resp:
                     if resp.status == 200:
@@ -376,7 +531,7 @@ class Demo:
                 pass
             time.sleep(0.2)
         msg = (
-            f"gunicorn did not answer on {self.url} within {timeout:.0f} s; "
+            f"{self.server} did not answer on {self.url} within {timeout:.0f} s; "
             f"see {self.server_output}"
         )
         raise DemoError(msg)
@@ -419,32 +574,66 @@ class Demo:
         """The JSON log lines written since :meth:`start`."""
         return read_log(self.log_file, self.log_offset)
 
-    def summary(self) -> Summary:
-        metrics_text = None
-        error = None
+    def summary(self, settle: float = 5.0) -> Summary:
+        """What the metrics and the log say. A scrape pushes the numbers of every thread of the
+        worker that answers it, and the other workers' idle pool threads may still hold their
+        last refused query (docs/metrics.md's delay bound): while the metrics count fewer
+        refused queries than the log, scrape again, with a concurrent round of scrapes first so
+        that every worker answers one (uWSGI's idle worker tends to win every accept), for at
+        most ``settle`` seconds."""
+        deadline = time.monotonic() + settle
+        while True:
+            metrics_text = None
+            error = None
+            try:
+                status, body = self.get("/metrics")
+                if status == 200:
+                    metrics_text = body
+                else:
+                    error = f"HTTP {status}"
+            except (urllib.error.URLError, OSError) as exc:
+                error = str(exc)
+            summary = summarize(metrics_text, self.events(), error)
+            if error or summary.agrees() or time.monotonic() >= deadline:
+                return summary
+            self._scrape_every_worker()
+            time.sleep(0.2)
+
+    def _scrape_every_worker(self) -> None:
+        """More concurrent scrapes than the server has threads: each worker serves some."""
+        count = 2 * self.workers * self.threads
+        with ThreadPoolExecutor(max_workers=count, thread_name_prefix="scrape") as pool:
+            for _ in pool.map(lambda _: self._try_get("/metrics"), range(count)):
+                pass
+
+    def _try_get(self, path: str) -> int:
         try:
-            status, body = self.get("/metrics")
-            if status == 200:
-                metrics_text = body
-            else:
-                error = f"HTTP {status}"
-        except (urllib.error.URLError, OSError) as exc:
-            error = str(exc)
-        return summarize(metrics_text, self.events(), error)
+            return self.get(path)[0]
+        except (urllib.error.URLError, OSError):
+            return 0
+
+    @staticmethod
+    def _stop_group(proc: subprocess.Popen[bytes], signum: int, grace: float) -> None:
+        """``signum`` to ``proc``'s process group, SIGKILL to what is left after ``grace``."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signum)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=grace)
+        # Workers left behind by a master that died get the same treatment.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=5)
 
     def stop(self, grace: float = 10.0) -> None:
-        """SIGTERM gunicorn's process group, SIGKILL it after ``grace``, remove the temp dir."""
-        proc = self.process
-        if proc is not None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGTERM)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout=grace)
-            # Workers left behind by a master that died get the same treatment.
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout=5)
+        """Nginx first (SIGQUIT: graceful), then gunicorn's or uWSGI's process group
+        (SIGTERM; uWSGI runs with ``--die-on-term``), SIGKILL after ``grace``; remove the
+        temporary directories."""
+        if self.proxy is not None:
+            self._stop_group(self.proxy, signal.SIGQUIT, grace)
+            self.proxy = None
+        if self.process is not None:
+            self._stop_group(self.process, signal.SIGTERM, grace)
             self.process = None
         if self._output_file is not None:
             self._output_file.close()
@@ -452,6 +641,9 @@ class Demo:
         if self.multiproc_dir is not None:
             shutil.rmtree(self.multiproc_dir, ignore_errors=True)
             self.multiproc_dir = None
+        if self.nginx_prefix is not None:
+            shutil.rmtree(self.nginx_prefix, ignore_errors=True)
+            self.nginx_prefix = None
 
     def __enter__(self) -> Demo:
         return self
@@ -486,6 +678,12 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="exit after the summary instead of serving (also DEMO_NO_SERVE=1)",
     )
+    parser.add_argument(
+        "--server",
+        choices=SERVERS,
+        default=os.environ.get("DEMO_SERVER", "gunicorn"),
+        help="gunicorn (default), or uwsgi: uWSGI behind Nginx, the original report's stack",
+    )
     parser.add_argument("--port", type=int, default=int(os.environ.get("DEMO_PORT", "8000")))
     parser.add_argument("--workers", type=int, default=int(os.environ.get("DEMO_WORKERS", "3")))
     parser.add_argument("--threads", type=int, default=int(os.environ.get("DEMO_THREADS", "4")))
@@ -515,6 +713,7 @@ def main(argv: list[str] | None = None) -> int:
         threads=args.threads,
         server_output=sys.stdout if args.follow else None,
         extra_env={"DEMO_LOG_STDOUT": "1"} if args.follow else None,
+        server=args.server,
     )
     db_label = database_url or f"SQLite ({var_dir / 'demo.sqlite3'})"
     try:
@@ -522,11 +721,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"==> database: {db_label}", flush=True)
             print("==> migrating", flush=True)
             demo.prepare()
-            print(
-                f"==> starting gunicorn on {demo.url} "
-                f"({args.workers} workers x {args.threads} threads, multi-process metrics)",
-                flush=True,
-            )
+            print(f"==> starting {demo.describe()} on {demo.url}", flush=True)
             demo.start()
             # The broken export leaks a connection in the worker that serves it; the traffic
             # that follows makes every worker republish its connections.
@@ -555,12 +750,12 @@ def main(argv: list[str] | None = None) -> int:
             if once:
                 return 0
             print("Serving until interrupted (Ctrl-C) ...", flush=True)
-            while demo.process is not None and demo.process.poll() is None:
+            while all(p is None or p.poll() is None for p in (demo.process, demo.proxy)):
                 time.sleep(0.5)
-            print("gunicorn exited", file=sys.stderr)
+            print(f"{args.server} or nginx exited", file=sys.stderr)
             return 1
     except _Stop as stop:
-        print(f"\n==> {stop}: stopping gunicorn", flush=True)
+        print(f"\n==> {stop}: stopping {args.server}", flush=True)
         return 0
     except DemoError as exc:
         print(f"demo: {exc}", file=sys.stderr)
