@@ -316,16 +316,13 @@ def baseline() -> dict[tuple[str, str], Any]:
 
 
 def _internal_errors_metric() -> float:
-    total = 0.0
-    for label in ("wrapper", "lifecycle", "stale", "serverfacts", "classify", "scope"):
-        total += (
-            REGISTRY.get_sample_value("conndiag_internal_errors_total", {"component": label}) or 0
-        )
-    for label in ("threads", "middleware", "events", "metrics", "other"):
-        total += (
-            REGISTRY.get_sample_value("conndiag_internal_errors_total", {"component": label}) or 0
-        )
-    return total
+    """``conndiag_internal_errors_total`` summed over every component label."""
+    from conndiag.metrics import COMPONENTS
+
+    return sum(
+        REGISTRY.get_sample_value("conndiag_internal_errors_total", {"component": label}) or 0
+        for label in COMPONENTS
+    )
 
 
 def test_every_kind_of_component_is_covered():
