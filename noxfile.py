@@ -73,6 +73,10 @@ def suite(session: nox.Session, django: str) -> None:
         "-m",
         "not slow",
         "-q",
+        # two workers (pytest-xdist): most of the suite waits on real servers (wait_timeout,
+        # KILL, threads), so the 13 cells take half the time on CI's 2 cores
+        "-n",
+        "2",
         *session.posargs,
         env={"CONNDIAG_TEST_DB_SUFFIX": suffix, **_passthrough()},
     )
