@@ -34,26 +34,42 @@ def python_fork() -> int:
     return os.fork()
 
 
-def c_fork() -> int:
-    """fork(2) from C: no at-fork hook runs, other threads' states stay (uWSGI's default)."""
+def _quiet_gil() -> float:
+    """Clear a pending GIL drop request and keep others from asking for a while (see the
+    module doc); returns the switch interval to restore in the parent."""
     interval = sys.getswitchinterval()
     sys.setswitchinterval(30.0)
-    pid = -1
-    try:
-        time.sleep(0.001)  # taking the GIL back clears a drop request another thread made
-        pid = int(ctypes.PyDLL(None).fork())  # PyDLL: the GIL stays held through the call
-    finally:
-        if pid != 0:
-            sys.setswitchinterval(interval)
+    time.sleep(0.001)  # taking the GIL back clears a drop request another thread made
+    return interval
+
+
+def c_fork() -> int:
+    """fork(2) from C: no at-fork hook runs, other threads' states stay (uWSGI's default)."""
+    interval = _quiet_gil()
+    pid = int(ctypes.PyDLL(None).fork())  # PyDLL: the GIL stays held through the call
+    if pid != 0:
+        sys.setswitchinterval(interval)
     return pid
 
 
 def c_fork_osafterfork() -> int:
     """fork(2) from C, then PyOS_AfterFork_Child() in the child (uWSGI py-call-osafterfork):
-    the other threads' states are cleared and the after-fork hooks run, but no before hook."""
-    pid = c_fork()
+    the other threads' states are cleared and the after-fork hooks run.
+
+    Before Python 3.13 no before hook runs. From 3.13 on, PyOS_AfterFork_Child releases
+    locks that only PyOS_BeforeFork takes (without it the child aborts: "unlocking a
+    recursive mutex that is not owned"), so an embedder must call both, as this does."""
+    interval = _quiet_gil()
+    paired = sys.version_info >= (3, 13)
+    if paired:
+        ctypes.pythonapi.PyOS_BeforeFork()
+    pid = int(ctypes.PyDLL(None).fork())
     if pid == 0:
         ctypes.pythonapi.PyOS_AfterFork_Child()
+        return pid
+    if paired:
+        ctypes.pythonapi.PyOS_AfterFork_Parent()
+    sys.setswitchinterval(interval)
     return pid
 
 

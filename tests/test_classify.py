@@ -161,7 +161,9 @@ def test_sync_view_awaiting_to_thread_work_is_cross_thread_not_detached(alias, e
     assert wsgi_json("/sync-awaits-to-thread/", f"db={alias}") == {"threads": ["ok", "ok"]}
     assert not of(events, "conndiag.query.refused")
     flagged = of(events, "conndiag.query.flagged")
-    assert len(flagged) == 2
+    # Two writes; Django 6.0+ may first read the server's version on a temporary connection
+    # of the same thread, one more (cross_thread) query.
+    assert 2 <= len(flagged) <= 3
     assert {e["context"] for e in flagged} == {"cross_thread"}
     assert {e["request_path"] for e in flagged} == {"/sync-awaits-to-thread/"}
     assert Item.objects.using(alias).count() == 2
@@ -254,9 +256,12 @@ def test_overlapping_asgi_requests_finish_only_themselves(alias, events):
     assert first == (200, b'{"thread": "none"}')
     assert second == (200, b'{"thread": "ok"}')
     assert not of(events, "conndiag.query.refused")
-    (flagged,) = of(events, "conndiag.query.flagged")
-    assert flagged["context"] == "cross_thread"
-    assert flagged["request_returned_s"] is None  # B was live when it wrote
+    # B's one write; Django 6.0+ may first read the server's version on a temporary
+    # connection of the same thread, one more query of B's.
+    flagged = of(events, "conndiag.query.flagged")
+    assert 1 <= len(flagged) <= 2
+    assert {e["context"] for e in flagged} == {"cross_thread"}
+    assert {e["request_returned_s"] for e in flagged} == {None}  # B was live when it wrote
 
 
 def test_management_command_and_migrations_are_background(events):
