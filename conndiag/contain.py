@@ -12,10 +12,13 @@ Two forms, one rule:
 - :func:`guard`, a decorator for a step that is conndiag's work only (a signal receiver,
   the part of a hook before or after the application's operation): its ``Exception`` is
   reported and ``default`` is returned;
-- on the per-query path (``conndiag/wrapper.py``, and the per-cursor hook in
-  ``conndiag/lifecycle.py``) the same rule is written inline, as ``try`` / ``except
-  Exception`` that calls :func:`internal_error`, because a ``try`` costs nothing in CPython
-  3.11+ while a guard costs a function call per query.
+- on the per-query and per-request paths (``conndiag/wrapper.py``, the request signal
+  receivers of ``conndiag/scope.py``) the same rule is written inline, as ``try`` /
+  ``except Exception`` that calls :func:`internal_error`, because a ``try`` costs nothing
+  in CPython 3.11+ while a guard costs a function call (and, for a signal receiver, the
+  re-packing of its keyword arguments) per query or per request. A receiver written so
+  registers its body with :func:`contained_inline`, so that the fault-injection tests
+  make that body fail in turn as they do every guarded step.
 
 :func:`internal_error` counts the failure (``conndiag_internal_errors_total``) and reports
 the first of each kind (component, exception type) through the runtime, which plugs its
@@ -67,6 +70,17 @@ _reporter: Reporter = _fallback
 #: every guarded step, as (component, guarded function): tests/test_faults.py makes each
 #: of them fail in turn
 GUARDED: list[tuple[str, Callable[..., Any]]] = []
+
+
+#: every entry point contained inline, as (component, entry point, module, name of the
+#: body the entry point calls inside its ``try``): tests/test_faults.py replaces the body
+INLINE: list[tuple[str, Callable[..., Any], str, str]] = []
+
+
+def contained_inline(component: str, entry: Callable[..., Any], module: str, body: str) -> None:
+    """Register ``entry``, which calls ``module.body`` inside ``try`` / ``except Exception``
+    reporting to :func:`internal_error` as ``component`` (see the module docstring)."""
+    INLINE.append((component, entry, module, body))
 
 
 def set_reporter(reporter: Reporter) -> None:

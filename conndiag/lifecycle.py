@@ -2,8 +2,10 @@
 
 Each wrapper gets, once (from :func:`conndiag.wrapper.install`, which also inserts the
 execute wrapper), instance-level hooks on ``connect`` (opens and failed connects, which
-happen before any execute wrapper), ``_close`` (every real close) and Django's two
-recycling methods, which attribute a reason to the close they cause. A raw connection
+happen before any execute wrapper), ``_close`` (every real close; when one of Django's two
+recycling methods makes it, its reason is read off the stack) and ``is_usable`` (a
+connection inherited across fork is replaced before Django pings it). Nothing is hooked
+on the paths Django runs for every request and every cursor. A raw connection
 garbage-collected without a close is reported as ``abandoned`` (for SQLite, whose
 connections cannot be weak-referenced, when its DatabaseWrapper is collected, with its
 thread), and its state is released.
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import os
 import stat
+import sys
 import time
 import weakref
 from collections import deque
@@ -40,6 +43,7 @@ from .state import STATE_ATTR, ConnState
 
 if TYPE_CHECKING:
     from collections.abc import Callable
+    from types import FrameType
 
     from django.db.backends.base.base import BaseDatabaseWrapper
 
@@ -74,9 +78,7 @@ def install(db: BaseDatabaseWrapper) -> bool:
     db.__dict__[_INSTALLED_ATTR] = True
     hook(db, "connect", _connect)
     hook(db, "_close", _close)
-    hook(db, "close_if_unusable_or_obsolete", _close_if_unusable_or_obsolete)
-    if hasattr(db, "close_if_health_check_failed"):  # Django 4.1+
-        hook(db, "close_if_health_check_failed", _close_if_health_check_failed)
+    hook(db, "is_usable", _is_usable)
     return True
 
 
@@ -222,7 +224,7 @@ def _close(db: BaseDatabaseWrapper, original: Callable[[], None]) -> None:
 def _closing(db: BaseDatabaseWrapper) -> tuple[ConnState, str] | str | None:
     """Before a close: why it happens; :data:`_DISCARDED` if it must not happen at all."""
     state: ConnState | None = db.__dict__.get(STATE_ATTR)
-    reason = db.__dict__.pop(_REASON_ATTR, None) or "explicit"
+    reason = db.__dict__.pop(_REASON_ATTR, None) or _recycler_reason() or "explicit"
     if reason is _OBSOLETE:
         # Closing from close_if_unusable_or_obsolete: the state still says why.
         try:
@@ -263,36 +265,43 @@ def _obsolete_reason(db: BaseDatabaseWrapper) -> str:
 #: marker for "closing from close_if_unusable_or_obsolete" (the reason is found at close)
 _OBSOLETE = "(obsolete)"
 
-
-def _close_if_unusable_or_obsolete(db: BaseDatabaseWrapper, original: Callable[[], None]) -> None:
-    # Runs twice per request per alias: only mark the call, work out the reason only if
-    # Django actually closes (in _close).
-    if db.connection is None:
-        original()
-        return
-    db.__dict__[_REASON_ATTR] = _OBSOLETE
-    try:
-        original()
-    finally:
-        db.__dict__.pop(_REASON_ATTR, None)
+#: Django's recycling methods, by the name of their code, and the close reason each gives
+_RECYCLERS = {
+    "close_if_unusable_or_obsolete": _OBSOLETE,
+    "close_if_health_check_failed": "health_check_failed",
+}
+#: how many frames above ``_closing`` a recycling method may be (the guard, our hook,
+#: ``close()`` and its ``async_unsafe`` wrapper, a subclass or an instrumenting wrapper)
+_RECYCLER_DEPTH = 12
 
 
-def _close_if_health_check_failed(db: BaseDatabaseWrapper, original: Callable[[], None]) -> None:
-    # Django calls this for every cursor: skip the bookkeeping when no check will run.
-    if (
-        db.connection is None
-        or not getattr(db, "health_check_enabled", False)
-        or getattr(db, "health_check_done", False)
-    ):
-        original()
-        return
-    if before_health_check is not None:
-        before_health_check(db, "(health check)")  # an inherited connection: replace it first
-    db.__dict__[_REASON_ATTR] = "health_check_failed"
-    try:
-        original()
-    finally:
-        db.__dict__.pop(_REASON_ATTR, None)
+def _recycler_reason() -> str | None:
+    """The reason of a close made by one of Django's recycling methods, from the stack.
+
+    Found only when Django actually closes: the recycling methods run twice per request
+    per alias and once per cursor, and hooking them would cost every request and every
+    query a call. A close is rare; reading a dozen frames then is cheap.
+    """
+    frame: FrameType | None = sys._getframe(2)
+    for _ in range(_RECYCLER_DEPTH):
+        if frame is None:
+            return None
+        reason = _RECYCLERS.get(frame.f_code.co_name)
+        if reason is not None:
+            return reason
+        frame = frame.f_back
+    return None
+
+
+def _is_usable(db: BaseDatabaseWrapper, original: Callable[[], bool]) -> bool:
+    # Django pings only to decide whether to close (a health check, or after errors): a
+    # connection inherited across fork is replaced first, never pinged on the parent's
+    # socket; dropped, it is not usable (Django's close() then has nothing to close).
+    if before_health_check is not None and db.connection is not None:
+        before_health_check(db, "(health check)")
+        if db.connection is None:
+            return False
+    return original()
 
 
 #: called before a health check pings the connection; ``conndiag/install.py`` sets it to

@@ -11,7 +11,7 @@ thread adds to its own plain list of numbers (one list per alias, vendor, contex
 action; no lock, no label lookup). Those numbers are pushed into the metrics' values at safe
 points, by the threads that run the application, with no thread of conndiag's own:
 
-- at the end of every request, on its thread (:func:`on_request_finished`);
+- at the end of every request, on its thread (:func:`request_ended`);
 - on the query path, when the thread's batch is :data:`FLUSH_INTERVAL` old (then every
   thread's batch is pushed, if that is due too);
 - before every scrape served by :mod:`conndiag.views` (every thread of the process);
@@ -265,13 +265,15 @@ class _Holder:
     (:meth:`Metrics._retire`).
     """
 
-    __slots__ = ("__weakref__", "accs", "due", "key")
+    __slots__ = ("__weakref__", "accs", "dirty", "due", "key")
 
     def __init__(self, key: int, due: float) -> None:
         self.key = key
         self.accs: dict[tuple[str, str, str, str], _Acc] = {}
         #: perf_counter time after which a query on this thread pushes its batch
         self.due = due
+        #: a query was recorded since this thread last pushed (its owner thread writes it)
+        self.dirty = False
 
 
 class Metrics:
@@ -428,6 +430,8 @@ class Metrics:
         self._next_key = 0
         #: numbers of ended threads, summed per key, not pushed yet
         self._orphans: dict[tuple[str, str, str, str], _Acc] = {}
+        #: an orphan gained numbers since the last push of the orphans
+        self._orphans_pending = False
         #: accumulators of ended threads that could not be folded at once
         self._retired: deque[dict[tuple[str, str, str, str], _Acc]] = deque()
         self._series: dict[tuple[str, str], _Series] = {}
@@ -537,6 +541,7 @@ class Metrics:
             if orphan is None:
                 orphan = orphans[k] = _Acc(acc.series, acc.targets)
             orphan.v = list(map(add, orphan.v, map(sub, v, pushed)))
+            self._orphans_pending = True
 
     @staticmethod
     def _push(accs: Iterable[_Acc]) -> None:
@@ -568,6 +573,7 @@ class Metrics:
                 while self._retired:
                     self._fold(self._retired.popleft())
                 orphans = list(self._orphans.values())
+                self._orphans_pending = False
                 live = [acc for accs in list(self._live.values()) for acc in list(accs.values())]
             self._push(orphans)
             self._push(live)
@@ -580,12 +586,13 @@ class Metrics:
 
     def flush_thread(self, holder: _Holder, now: float, wait: bool) -> None:
         """Push the calling thread's numbers (and every thread's, when that is due)."""
-        if now < self._full_due and not (self._republish or self._orphans or self._retired):
+        if now < self._full_due and not (self._republish or self._orphans_pending or self._retired):
             for acc in holder.accs.values():
                 if acc.v != acc.pushed:
                     break
             else:
                 holder.due = now + FLUSH_INTERVAL
+                holder.dirty = False
                 return  # nothing to push
         if now >= self._full_due or self._republish:
             if wait or not self._flush_lock.locked():
@@ -595,12 +602,14 @@ class Metrics:
         if not self._flush_lock.acquire(blocking=wait):
             return  # a flush is running; this thread tries again at its next query
         try:
+            holder.dirty = False
             self._push(list(holder.accs.values()))
-            if self._orphans or self._retired:
+            if self._orphans_pending or self._retired:
                 with self._fold_lock:
                     while self._retired:
                         self._fold(self._retired.popleft())
                     orphans = list(self._orphans.values())
+                    self._orphans_pending = False
                 self._push(orphans)
         finally:
             self._flush_lock.release()
@@ -714,8 +723,10 @@ def flush_all_quietly() -> None:
             internal_error("metrics.flush", exc)
 
 
-def on_request_finished(sender: object, **kwargs: Any) -> None:
-    """``request_finished`` receiver: push the numbers of this request's thread now.
+def request_ended(now: float) -> None:
+    """At the end of every request (called by the ``request_finished`` receiver,
+    :data:`conndiag.scope.after_request`, with ``perf_counter()``): push the numbers of
+    this request's thread now.
 
     This is what makes a worker's requests visible to a scrape answered by any other
     worker as soon as they are over, with no background thread.
@@ -725,8 +736,17 @@ def on_request_finished(sender: object, **kwargs: Any) -> None:
         return
     try:
         holder = getattr(metrics._local, "h", None)
-        if holder is not None:
-            metrics.flush_thread(holder, perf_counter(), wait=True)
+        if holder is None:
+            return
+        if (
+            holder.dirty
+            or now >= metrics._full_due
+            or metrics._republish
+            or metrics._orphans_pending
+            or metrics._retired
+        ):
+            metrics.flush_thread(holder, now, wait=True)
+        # else: this thread recorded nothing since its last push, and nothing else is due
     except Exception as exc:
         internal_error("metrics.flush", exc)
 
@@ -798,6 +818,7 @@ class MetricsRecorder:
             holder = self._local.h
         except AttributeError:
             holder = self.metrics.new_holder()
+        holder.dirty = True
         state = q.state
         key = (state.alias, state.vendor, q.context, q.action)
         acc = holder.accs.get(key)

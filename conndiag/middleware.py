@@ -1,12 +1,15 @@
-"""``ConnDiagMiddleware``: establishes the request scope. Put it first in ``MIDDLEWARE``.
+"""``ConnDiagMiddleware``: the request scope under ASGI. Put it first in ``MIDDLEWARE``.
 
-It attaches what only a middleware can see (request id, method, path, view) to the scope
-that ``request_started`` opened on the request thread, makes it the scope of the request's
+Under ASGI it attaches what only a middleware can see there (request id, method, path,
+view) to the scope that ``request_started`` opened, makes it the scope of the request's
 context (so ``sync_to_async`` work carries it), and, when the application configured
-structlog, binds ``request_id`` for the application's own structlog logs. Sync and async
-capable.
+structlog, binds ``request_id`` for the application's own structlog logs.
 
-It runs on every request: it does only that (see README, "Performance").
+Under WSGI (any synchronous handler: the WSGI server's, the test client's) the
+``request_started`` receiver already does all of that from the WSGI ``environ``
+(conndiag/scope.py), so the middleware steps out of the chain when Django builds it
+(``MiddlewareNotUsed``): a WSGI request pays for no middleware layer at all (see README,
+"Performance").
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from asgiref.sync import iscoroutinefunction, markcoroutinefunction
+from django.core.exceptions import MiddlewareNotUsed
 from structlog import is_configured as structlog_configured
 from structlog.contextvars import bind_contextvars, reset_contextvars
 
@@ -36,27 +40,24 @@ class ConnDiagMiddleware:
     async_capable = True
 
     def __init__(self, get_response: Callable[[HttpRequest], Any]) -> None:
+        if not iscoroutinefunction(get_response):
+            # A synchronous handler: request_started opens the whole scope (see above).
+            raise MiddlewareNotUsed("conndiag: request_started opens the scope under WSGI")
         self.get_response = get_response
-        self.async_mode = iscoroutinefunction(get_response)
-        if self.async_mode:
-            markcoroutinefunction(self)
+        markcoroutinefunction(self)
 
     # Contained (conndiag/contain.py): if entering fails the request is served without its
     # scope; if leaving fails the response is returned all the same.
     @staticmethod
     @guard("middleware.enter")
     def _enter(request: HttpRequest) -> tuple[Any, Any] | None:
-        carrier = request.__dict__.get("environ")  # WSGIRequest
-        rs = None if carrier is None else carrier.get(_KEY)
+        carrier = getattr(request, "scope", None)  # ASGIRequest
+        rs = carrier.get(_KEY) if isinstance(carrier, dict) else None
         if rs is None:
-            carrier = getattr(request, "scope", None)  # ASGIRequest
-            rs = carrier.get(_KEY) if isinstance(carrier, dict) else None
-            if rs is None:
-                # request_started did not fire (a bare handler call): open the scope here.
-                info = threads.current()
-                rs = info.scope or _scope.RequestScope(info)
+            # request_started did not fire (a bare handler call): open the scope here.
+            info = threads.current()
+            rs = info.scope or _scope.RequestScope(info)
         rs.attach(request, get_config().request_id_meta_key)
-        # Under WSGI request_started already made it the context's scope (on this thread).
         token = None if _current_scope() is rs else _scope.enter(rs)
         # The application's structlog lines get request_id; without structlog nobody reads it.
         log_tokens = bind_contextvars(request_id=rs.request_id) if structlog_configured() else None
@@ -73,18 +74,7 @@ class ConnDiagMiddleware:
         if token is not None:
             _scope.leave(token)
 
-    def __call__(self, request: HttpRequest) -> Any:
-        if self.async_mode:
-            return self.__acall__(request)
-        tokens = self._enter(request)
-        try:
-            return self.get_response(request)
-        finally:
-            # Under WSGI without structlog there is nothing to undo: no call at all.
-            if tokens is not None and tokens != (None, None):
-                self._leave(tokens)
-
-    async def __acall__(self, request: HttpRequest) -> HttpResponseBase:
+    async def __call__(self, request: HttpRequest) -> HttpResponseBase:
         tokens = self._enter(request)
         try:
             get_response: Callable[[HttpRequest], Awaitable[HttpResponseBase]] = self.get_response

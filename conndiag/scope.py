@@ -17,10 +17,16 @@ import time
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
 
+from structlog import is_configured as structlog_configured
+from structlog.contextvars import bind_contextvars, reset_contextvars
+
 from . import process, threads
-from .contain import guard
+from .conf import get_config
+from .contain import contained_inline, internal_error
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from django.http import HttpRequest
 
 #: Key under which the scope is left in the WSGI environ / ASGI scope for the middleware.
@@ -61,15 +67,19 @@ _UNREAD: Any = object()
 class RequestScope:
     """One request, from ``request_started`` to ``request_finished``.
 
-    The middleware only links the request (:meth:`attach`): its method, path and request id
-    header are read when something first needs them (an event, a refusal's message) or when
-    the request finishes, and cleaned only when read. Most requests log nothing, and then
-    pay for none of it.
+    Nothing is read when the request starts. Under WSGI the scope keeps the request's
+    ``environ`` (Django's ``request.META``); under ASGI the middleware links the request
+    (:meth:`attach`). The method, path, request id header and view are read from there
+    when something first needs them (an event, a refusal's message), and cleaned only
+    when read; the view is then resolved from the path. Most requests log nothing, and
+    pay for none of it. A finished scope keeps only those few values, never the request.
     """
 
     __slots__ = (
         "__weakref__",
+        "_environ",
         "_header_key",
+        "_log_tokens",
         "_method",
         "_path",
         "_raw_path",
@@ -77,23 +87,24 @@ class RequestScope:
         "_request_id",
         "_rid_raw",
         "finished",
-        "started",
         "thread",
         "view",
     )
 
-    def __init__(self, thread: threads.ThreadInfo) -> None:
+    def __init__(self, thread: threads.ThreadInfo, environ: dict[str, Any] | None = None) -> None:
         self.thread = thread
-        self.started = time.perf_counter()
+        #: ``time.perf_counter()`` when the request finished (None while it runs)
         self.finished: float | None = None
+        self._environ = environ
+        self._request: HttpRequest | None = None
+        self._header_key: str | None = None
         self._request_id: str | None = None
         self._rid_raw: Any = _UNREAD
-        self._header_key: str | None = None
         self._method: str | None = None
         self._path: str | None = None
         self._raw_path: str | None = None
-        self._request: HttpRequest | None = None
         self.view: str | None = None
+        self._log_tokens: Any = None
 
     @property
     def method(self) -> str | None:
@@ -102,6 +113,9 @@ class RequestScope:
             request = self._request
             if request is not None:
                 method = self._method = request.method
+            elif self._environ is not None:
+                raw = self._environ.get("REQUEST_METHOD")
+                method = self._method = raw.upper() if isinstance(raw, str) else None
         return method
 
     @method.setter
@@ -116,15 +130,29 @@ class RequestScope:
             raw = self._raw_path
             if raw is None:
                 request = self._request
-                if request is None:
+                if request is not None:
+                    raw = request.path
+                elif self._environ is not None:
+                    raw = _wsgi_path(self._environ)[0]
+                else:
                     return None
-                raw = request.path
             path = self._path = clean_path(raw)
         return path
 
     @path.setter
     def path(self, value: str | None) -> None:
         self._path = value
+
+    def _header_value(self) -> Any:
+        request = self._request
+        if request is not None:
+            key = self._header_key
+            return None if key is None else request.META.get(key)
+        environ = self._environ
+        if environ is None:
+            return None
+        key = get_config().request_id_meta_key
+        return None if key is None else environ.get(key)
 
     @property
     def request_id(self) -> str:
@@ -133,8 +161,7 @@ class RequestScope:
         if rid is None:
             raw = self._rid_raw
             if raw is _UNREAD:
-                request, key = self._request, self._header_key
-                raw = None if request is None or key is None else request.META.get(key)
+                raw = self._header_value()
             self._rid_raw = None
             # A missing or hostile value is ignored (an id is generated): never logged raw.
             rid = None if raw is None else clean_request_id(raw)
@@ -150,15 +177,25 @@ class RequestScope:
         self._header_key = header_meta_key
 
     def view_name(self) -> str | None:
-        """The resolved view (URL name, or the view's dotted path), once it is known."""
+        """The resolved view (URL name, or the view's dotted path), once it is known.
+
+        From the request's ``resolver_match`` when the middleware linked the request;
+        otherwise (WSGI) the path is resolved here, once, against ``ROOT_URLCONF``.
+        """
         if self.view is None:
             request = self._request
-            match = None if request is None else getattr(request, "resolver_match", None)
+            if request is not None:
+                match = getattr(request, "resolver_match", None)
+            elif self._environ is not None:
+                match = _resolve(self._environ)
+            else:
+                match = None
             if match is not None:
                 self.view = match.view_name or match._func_path
         return self.view
 
-    def finish(self) -> None:
+    def finish(self, now: float | None = None) -> None:
+        """The request is over (at ``now``, a ``time.perf_counter()`` value)."""
         if self.finished is None:
             request = self._request
             if request is not None:
@@ -172,7 +209,22 @@ class RequestScope:
                 if self._request_id is None and self._rid_raw is _UNREAD and key is not None:
                     self._rid_raw = request.META.get(key)
                 self._request = None
-            self.finished = time.perf_counter()
+            else:
+                environ = self._environ
+                if environ is not None:
+                    # Keep what later events may need (read lazily, as above); drop the
+                    # environ, which holds the server's objects for this request.
+                    if self._request_id is None and self._rid_raw is _UNREAD:
+                        self._rid_raw = self._header_value()
+                    get = environ.get
+                    self._environ = {
+                        "REQUEST_METHOD": get("REQUEST_METHOD"),
+                        "PATH_INFO": get("PATH_INFO", ""),
+                        "SCRIPT_NAME": get("SCRIPT_NAME", ""),
+                        "SCRIPT_URL": get("SCRIPT_URL", ""),
+                        "REDIRECT_URL": get("REDIRECT_URL", ""),
+                    }
+            self.finished = time.perf_counter() if now is None else now
 
     def returned_ago(self) -> float | None:
         """Seconds since the request finished, or None while it is live."""
@@ -194,42 +246,106 @@ class RequestScope:
         return what
 
 
+def _wsgi_path(environ: dict[str, Any]) -> tuple[str, str]:
+    """``(path, path_info)`` of a WSGI environ, as Django's ``WSGIRequest`` computes them."""
+    from django.core.handlers.wsgi import get_path_info, get_script_name
+
+    path_info = get_path_info(environ) or "/"
+    script_name = get_script_name(environ)
+    # As WSGIRequest.__init__: the path is the script name (without its trailing slash)
+    # followed by the path info.
+    path = "{}/{}".format(script_name.rstrip("/"), path_info.replace("/", "", 1))
+    return path, path_info
+
+
+def _resolve(environ: dict[str, Any]) -> Any:
+    """The ``ResolverMatch`` of a WSGI request's path, or None (no match, or it failed)."""
+    from django.urls import Resolver404, get_resolver
+
+    try:
+        return get_resolver().resolve(_wsgi_path(environ)[1])
+    except Resolver404:
+        return None
+
+
+#: called at the end of every request, after the scope is closed, with
+#: ``time.perf_counter()`` (install.py sets it to the metrics' push: one receiver does
+#: both, saving a signal dispatch per request)
+after_request: Callable[[float], None] | None = None
+
+
 # Django sends the request signals with send(), not send_robust(): a receiver's exception
-# would break the request, so both receivers are contained.
-@guard("scope.request_started")
+# would break the request, so both receivers are contained, inline (a guard would cost
+# each request two more calls, conndiag/contain.py): each is a try/except around its body.
 def on_request_started(
     sender: object, environ: Any = None, scope: Any = None, **kwargs: Any
 ) -> None:
-    """``request_started`` receiver: this thread now serves a request."""
+    """``request_started`` receiver: this thread now serves a request.
+
+    Under WSGI (``environ``) this opens the whole scope: the middleware has nothing to
+    add (:class:`~conndiag.middleware.ConnDiagMiddleware` steps out of a sync handler), so
+    the request id is bound for the application's structlog logs here. Under ASGI
+    (``scope``) the middleware links the request and binds the id in the request's context.
+    """
+    try:
+        _open(environ, scope)
+    except Exception as exc:
+        internal_error("scope.request_started", exc)
+
+
+def _open(environ: Any, scope: Any) -> None:
     process.check()
     info = threads.current()
-    rs = RequestScope(info)
+    if environ is not None:
+        rs = RequestScope(info, environ)
+        if structlog_configured():
+            rs._log_tokens = bind_contextvars(request_id=rs.request_id)
+    else:
+        rs = RequestScope(info)
+        if isinstance(scope, dict):
+            scope[CARRIER_KEY] = rs
     info.scope = rs
-    carrier = environ if environ is not None else scope
-    if isinstance(carrier, dict):
-        carrier[CARRIER_KEY] = rs
     _current.set(rs)
 
 
-@guard("scope.request_finished")
 def on_request_finished(sender: object, **kwargs: Any) -> None:
     """``request_finished`` receiver: the request whose response just closed is over.
 
     That request is the one in the context (the handler sends the signal from the
     request's own context): not necessarily the last one started on this thread, since
-    Django 3.2's ASGI handler runs every request's sync code on one shared thread.
+    Django 3.2's ASGI handler runs every request's sync code on one shared thread. Then
+    :data:`after_request` runs (the metrics' push).
     """
+    try:
+        _close()
+    except Exception as exc:
+        internal_error("scope.request_finished", exc)
+
+
+def _close() -> None:
     in_context = _current.get()
     rs = in_context
     if rs is None or rs.finished is not None:
         rs = threads.current().scope
+    now = time.perf_counter()
     if rs is not None:
-        rs.finish()
+        rs.finish(now)
         owner = rs.thread
         if owner.scope is rs:
             owner.scope = None
+        tokens = rs._log_tokens
+        if tokens is not None:
+            rs._log_tokens = None
+            reset_contextvars(**tokens)
     if in_context is not None:
         _current.set(None)
+    hook = after_request
+    if hook is not None:
+        hook(now)
+
+
+contained_inline("scope.request_started", on_request_started, __name__, "_open")
+contained_inline("scope.request_finished", on_request_finished, __name__, "_close")
 
 
 def enter(rs: RequestScope) -> Any:

@@ -11,7 +11,8 @@ own work do not count); ``--clock wall`` measures elapsed time instead.
 Every round runs every variant once, in a shuffled order (interleaved), and the report gives
 the median per-query / per-request time of each variant and its overhead over bare Django:
 
-- ``bare``: conndiag's wrapper, signals and middleware removed (plain Django);
+- ``bare``: conndiag's wrapper, request receivers, middleware and per-connection hooks
+  removed (plain Django);
 - ``noop-wrapper``: bare Django plus a trivial execute wrapper (``return execute(...)``):
   the floor any execute wrapper pays;
 - ``defaults``: conndiag as a project that configured nothing gets it (no structlog
@@ -143,6 +144,8 @@ class Switch:
                 rename_fields={"asctime": "timestamp", "levelname": "level"},
             )
         )
+        #: conndiag's instance hooks of each connection, put back for conndiag's variants
+        self.hooks: dict[str, dict[str, object]] = {}
         self.with_mw = WSGIHandler()
         mw = [m for m in settings.MIDDLEWARE if "conndiag" not in m]
         with override_settings(MIDDLEWARE=mw):
@@ -153,7 +156,7 @@ class Switch:
         from django.core.signals import request_finished, request_started
         from django.db import connections
 
-        from conndiag import conf, metrics, runtime, scope
+        from conndiag import conf, runtime, scope
         from conndiag.wrapper import EXECUTE_WRAPPER
 
         on = variant in CONNDIAG_VARIANTS
@@ -167,15 +170,26 @@ class Switch:
                     wrappers.insert(0, wrapper)
                 if not wanted and wrapper in wrappers:
                     wrappers.remove(wrapper)
+            # conndiag's instance hooks (conndiag/lifecycle.py), all of them off in bare
+            db = connections[alias]
+            hooks = self.hooks.setdefault(alias, {})
+            for name, value in list(vars(db).items()):
+                if getattr(value, "__module__", None) == "conndiag.lifecycle" and hasattr(
+                    value, "__wrapped__"
+                ):
+                    hooks[name] = value
+            for name, value in hooks.items():
+                if on:
+                    setattr(db, name, value)
+                else:
+                    vars(db).pop(name, None)  # the class's method again
         # conndiag's request receivers (conndiag/install.py), all of them off in bare
         if on:
             request_started.connect(scope.on_request_started, dispatch_uid="conndiag.started")
             request_finished.connect(scope.on_request_finished, dispatch_uid="conndiag.finished")
-            request_finished.connect(metrics.on_request_finished, dispatch_uid="conndiag.metrics")
         else:
             request_started.disconnect(dispatch_uid="conndiag.started")
             request_finished.disconnect(dispatch_uid="conndiag.finished")
-            request_finished.disconnect(dispatch_uid="conndiag.metrics")
 
         # logging: nothing configured, then what the variant configures
         structlog.reset_defaults()

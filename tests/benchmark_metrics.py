@@ -118,7 +118,7 @@ def threads_and_pushes(n_threads: int) -> dict[str, float]:
     from prometheus_client import CollectorRegistry
 
     from conndiag import conf, threads
-    from conndiag.metrics import MetricsRecorder, on_request_finished
+    from conndiag.metrics import MetricsRecorder, request_ended
     from conndiag.records import Query
     from conndiag.state import state_of
 
@@ -174,7 +174,7 @@ def threads_and_pushes(n_threads: int) -> dict[str, float]:
     for _ in range(7):
         t0 = time.perf_counter()
         for _ in range(n // 10):
-            on_request_finished(None)
+            request_ended(time.perf_counter())
         rounds.append((time.perf_counter() - t0) / (n // 10) * 1e6)
     results["request_end_nothing_pending_us"] = statistics.median(rounds)
     rounds = []
@@ -182,7 +182,7 @@ def threads_and_pushes(n_threads: int) -> dict[str, float]:
         t0 = time.perf_counter()
         for _ in range(n // 10):
             recorder.query(q)
-            on_request_finished(None)
+            request_ended(time.perf_counter())
         rounds.append((time.perf_counter() - t0) / (n // 10) * 1e6)
     results["request_end_one_query_pending_us"] = (
         statistics.median(rounds) - results["recorder_query_us"]

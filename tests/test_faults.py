@@ -3,9 +3,11 @@ application nothing.
 
 For every component (discovered, not listed by hand where conndiag can list them):
 
-- every guarded step (``conndiag.contain.GUARDED``: the connect and close hooks, the request
-  signal receivers, the middleware's entry and exit, the ``Thread.start`` / ``submit`` hooks
-  and the task wrapper, the metrics view's flush, ...), made to fail at its first line;
+- every guarded step (``conndiag.contain.GUARDED``: the connect and close hooks, the
+  middleware's entry and exit, the ``Thread.start`` / ``submit`` hooks and the task
+  wrapper, the metrics view's flush, ...), made to fail at its first line;
+- every entry point contained inline (``conndiag.contain.INLINE``: the request signal
+  receivers), its body made to fail;
 - every method of every recorder the runtime built (the event log, the metrics), from the
   ``Recorder`` protocol;
 - the decision and state functions the execute wrapper and the hooks call (classify, the
@@ -260,6 +262,7 @@ def _recorder_classes() -> list[type]:
 def _components() -> list[tuple[str, str]]:
     """(kind, name) of every component to break; names are stable test ids."""
     found = [("guarded", f"{c}:{fn.__qualname__}") for c, fn in contain.GUARDED]
+    found += [("inline", f"{c}:{module}.{body}") for c, _, module, body in contain.INLINE]
     for cls in _recorder_classes():
         found += [
             ("recorder", f"{cls.__module__}:{cls.__name__}.{m}")
@@ -283,6 +286,11 @@ def inject(monkeypatch: pytest.MonkeyPatch, kind: str, name: str) -> Fault:
         ]
         cell = _guarded_cell(guarded)
         monkeypatch.setattr(cell, "cell_contents", fault)
+        return fault
+    if kind == "inline":
+        component, _, where = name.partition(":")
+        module_name, _, body = where.rpartition(".")
+        monkeypatch.setattr(importlib.import_module(module_name), body, fault)
         return fault
     module_name, _, path = name.partition(":")
     module = importlib.import_module(module_name)
@@ -327,7 +335,7 @@ def _internal_errors_metric() -> float:
 
 def test_every_kind_of_component_is_covered():
     """The discovery finds the entry points the issue names (it is not an empty list)."""
-    components = {c for c, _ in contain.GUARDED}
+    components = {c for c, _ in contain.GUARDED} | {c for c, *_ in contain.INLINE}
     for expected in (
         "lifecycle.connect",
         "lifecycle.close",

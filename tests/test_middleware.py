@@ -1,14 +1,19 @@
-"""ConnDiagMiddleware: sync and async; binds request_id for the application's structlog logs."""
+"""The request scope's entry: ConnDiagMiddleware under ASGI, the request_started receiver
+under WSGI; both bind request_id for the application's structlog logs."""
 
 from __future__ import annotations
+
+import json
 
 import pytest
 import structlog
 from asgiref.sync import async_to_sync, iscoroutinefunction
+from django.core.exceptions import MiddlewareNotUsed
+from django.core.handlers.wsgi import WSGIHandler
 from django.http import HttpResponse
 from django.test import RequestFactory
 
-from conndiag import scope
+from conndiag import scope, threads
 from conndiag.middleware import ConnDiagMiddleware
 from tests.handlers import wsgi_get
 
@@ -21,38 +26,73 @@ def structlog_configured():
     structlog.reset_defaults()
 
 
-def test_sync_mode_binds_and_unbinds_request_id(structlog_configured):
-    """During the view the request id is in structlog's context vars; after, it is gone."""
-    seen: dict[str, object] = {}
+def test_a_sync_handler_leaves_the_middleware_out():
+    """Under a synchronous handler the middleware steps out (``MiddlewareNotUsed``): the
+    request_started receiver does its work, and WSGI requests pay for no extra layer."""
+    with pytest.raises(MiddlewareNotUsed):
+        ConnDiagMiddleware(lambda request: HttpResponse("ok"))
+    handler = WSGIHandler()
+    chain = []
+    layer = handler._middleware_chain
+    while layer is not None:
+        chain.append(layer)
+        layer = getattr(layer, "__wrapped__", None) or getattr(layer, "get_response", None)
+    assert not any(isinstance(layer, ConnDiagMiddleware) for layer in chain)
 
-    def view(request):
-        seen.update(structlog.contextvars.get_contextvars())
-        seen["scope"] = scope.current_scope()
-        return HttpResponse("ok")
 
-    mw = ConnDiagMiddleware(view)
-    assert not iscoroutinefunction(mw)
-    request = RequestFactory().get("/x", HTTP_X_REQUEST_ID="abc-1")
-    mw(request)
-    assert seen["request_id"] == "abc-1"
-    assert seen["scope"].path == "/x"
+@pytest.mark.django_db
+def test_wsgi_binds_and_unbinds_request_id(structlog_configured):
+    """Under WSGI, during the view the request id is in structlog's context vars (bound by
+    the request_started receiver); after the response closed, it is gone."""
+    status, body = wsgi_get("/scope/a\nb/", headers={"X-Request-ID": "abc-1"})
+    assert status.startswith("200")
+    seen = json.loads(body)
+    assert seen["contextvars"] == {"request_id": "abc-1"}
+    assert seen["scope"] == {
+        "request_id": "abc-1",
+        "method": "GET",
+        "path": "/scope/a\\x0ab/",  # the newline escaped: the path is safe for a log line
+        "view": "scope",
+    }
     assert "request_id" not in structlog.contextvars.get_contextvars()
     assert scope.current_scope() is None
 
 
+@pytest.mark.django_db
 def test_nothing_is_bound_when_structlog_is_not_configured():
     """Without structlog configured no context variable is bound (nobody would read it):
     the scope still carries the request id."""
-    seen: dict[str, object] = {}
+    status, body = wsgi_get("/scope/x/", headers={"X-Request-ID": "abc-2"})
+    seen = json.loads(body)
+    assert seen["contextvars"] == {}
+    assert seen["scope"]["request_id"] == "abc-2"
 
-    def view(request):
-        seen.update(structlog.contextvars.get_contextvars())
-        seen["scope"] = scope.current_scope()
-        return HttpResponse("ok")
 
-    ConnDiagMiddleware(view)(RequestFactory().get("/x", HTTP_X_REQUEST_ID="abc-2"))
-    assert "request_id" not in seen
-    assert seen["scope"].request_id == "abc-2"
+def test_a_finished_wsgi_scope_keeps_what_events_need_and_not_the_environ():
+    """After the response closed, a scope still answers method, path, view and request id
+    (a thread started by the request reports them later), from a copy of a few values: the
+    server's environ is not kept alive."""
+    import gc
+    import weakref
+    from wsgiref.util import setup_testing_defaults
+
+    class Environ(dict):  # a dict that can be weakly referenced
+        pass
+
+    environ = Environ(PATH_INFO="/scope/late/", REQUEST_METHOD="post", HTTP_X_REQUEST_ID="r-9")
+    setup_testing_defaults(environ)
+    rs = scope.RequestScope(threads.current(), environ)
+    ref = weakref.ref(environ)
+    rs.finish()
+    del environ
+    gc.collect()
+    assert ref() is None
+    assert (rs.method, rs.path, rs.view_name(), rs.request_id) == (
+        "POST",
+        "/scope/late/",
+        "scope",
+        "r-9",
+    )
 
 
 def test_async_mode_is_a_coroutine_function(structlog_configured):

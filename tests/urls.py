@@ -13,6 +13,7 @@ urlpatterns = [
     path("gate/", views.gate_view, name="gate"),
     path("async-hatch/", views.async_hatch_view, name="async-hatch"),
     path("nothing/", views.nothing_view, name="nothing"),
+    path("scope/<str:part>/", views.scope_view, name="scope"),
     path("bench/", views.bench_view, name="bench"),
     path("", include("conndiag.urls")),
 ]

@@ -135,3 +135,25 @@ def bench_view(request: HttpRequest) -> HttpResponse:
     for _ in range(BENCH_QUERIES):
         manager.filter(pk=1).first()
     return HttpResponse("ok")
+
+
+def scope_view(request: HttpRequest, part: str = "") -> JsonResponse:
+    """What the request's code sees: structlog's context variables and conndiag's scope."""
+    import structlog
+
+    from conndiag import scope
+
+    rs = scope.current_scope()
+    return JsonResponse(
+        {
+            "contextvars": structlog.contextvars.get_contextvars(),
+            "scope": None
+            if rs is None
+            else {
+                "request_id": rs.request_id,
+                "method": rs.method,
+                "path": rs.path,
+                "view": rs.view_name(),
+            },
+        }
+    )
