@@ -29,7 +29,12 @@ from tests.servers import sample, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.mysql]
 
-DB_NAME = "conndiag_uwsgi" + os.environ.get("CONNDIAG_TEST_DB_SUFFIX", "")
+# one database per suite run and per xdist worker (two uWSGI sites must not share a process list)
+DB_NAME = (
+    "conndiag_uwsgi"
+    + os.environ.get("CONNDIAG_TEST_DB_SUFFIX", "")
+    + os.environ.get("PYTEST_XDIST_WORKER", "")
+)
 LABELS = {"alias": "default", "vendor": "mysql"}
 QUERIES = {**LABELS, "context": "request", "action": "observed"}
 PID_FILE = re.compile(r"_(\d+)\.db$")
@@ -233,7 +238,9 @@ def test_sighup_reload(site: Any) -> None:
     s = site(processes=2, lazy_apps=True)
     s.requests(20)
     s.assert_exact(20)
-    before = s.server.workers()
+    # Both workers loaded the app (one may have served every request while the other was
+    # still loading: uWSGI does not stop a lazy-apps worker that is loading, see above).
+    before = s.wait_workers_ready(2)
     started = time.monotonic()
     s.server.proc.send_signal(signal.SIGHUP)
     wait_for("the old workers to stop", s.server.workers, lambda w: not (w & before), 10)
