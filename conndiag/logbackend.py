@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 import structlog
@@ -170,9 +171,9 @@ class Backend:
         self._std = {family: logging.getLogger(name) for family, name in self.names.items()}
         # One lazy proxy per family: with cache_logger_on_first_use it binds only once.
         self._sl = {family: structlog.get_logger(name) for family, name in self.names.items()}
-        #: (family, level) -> the bound logger's method, once structlog says loggers may be
-        #: cached (``cache_logger_on_first_use``): what the lazy proxy would do, without the
-        #: proxy's ``__getattr__`` and ``bind()`` on every event
+        #: (family, level) -> the emitter of :meth:`_structlog_emitter`, once structlog says
+        #: loggers may be cached (``cache_logger_on_first_use``): what the lazy proxy would
+        #: do, without the proxy's ``__getattr__`` and ``bind()`` on every event
         self._sl_bound: dict[tuple[str, int], Any] = {}
         self._sl_enabled: dict[tuple[str, int], bool] = {}
         self._sl_until = 0.0
@@ -191,21 +192,48 @@ class Backend:
             enabled = self._sl_enabled[key] = structlog_level_enabled(self.names[family], level_no)
         return enabled
 
-    def _structlog_method(self, family: str, level_no: int) -> Any:
+    def _structlog_emitter(
+        self, family: str, level_no: int
+    ) -> Callable[[str, dict[str, Any]], None]:
+        """``emitter(event, fields)`` for ``family`` at ``level_no`` through structlog.
+
+        When structlog caches its loggers (``cache_logger_on_first_use``), the emitter is
+        kept, and it hands the fields to a bound logger as its *context*: a new bound logger
+        of the configured class, on the same wrapped logger and processors, whose level
+        method is called with the event alone. That is what ``log.debug(event, **fields)``
+        does, without the three copies of the fields the keyword arguments cost on their
+        way (ours, the level method's, ``_proxy_to_logger``'s): structlog's pipeline starts
+        from a copy of the context either way. Otherwise (no caching: structlog resolves
+        the configuration per call) the lazy proxy is called with keyword arguments.
+        """
         proxy = self._sl[family]
+        name = LEVEL_NAMES[level_no]
         if not structlog.get_config()["cache_logger_on_first_use"]:
-            return getattr(proxy, LEVEL_NAMES[level_no])
-        method = getattr(proxy.bind(), LEVEL_NAMES[level_no])
-        self._sl_bound[(family, level_no)] = method
-        return method
+
+            def emit_uncached(event: str, fields: dict[str, Any]) -> None:
+                getattr(proxy, name)(event, **fields)
+
+            return emit_uncached
+        bound = proxy.bind()
+        cls, logger, processors = type(bound), bound._logger, bound._processors
+        level_method = getattr(cls, name)
+        initial = dict(bound._context)
+
+        def emit_cached(event: str, fields: dict[str, Any]) -> None:
+            level_method(
+                cls(logger, processors, {**initial, **fields} if initial else fields), event
+            )
+
+        self._sl_bound[(family, level_no)] = emit_cached
+        return emit_cached
 
     def emit(self, family: str, level_no: int, event: str, fields: dict[str, Any]) -> None:
         """Emit ``event`` with ``fields`` (the dict is consumed: the caller built it for this)."""
         if structlog.is_configured():
-            method = self._sl_bound.get((family, level_no))
-            if method is None:
-                method = self._structlog_method(family, level_no)
-            method(event, **fields)
+            emitter = self._sl_bound.get((family, level_no))
+            if emitter is None:
+                emitter = self._structlog_emitter(family, level_no)
+            emitter(event, fields)
             return
         logger = self._std[family]
         if not logger.isEnabledFor(level_no):

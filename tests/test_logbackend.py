@@ -262,3 +262,52 @@ def test_loki_rules_and_logs_dashboard_read_the_stdlib_json(outputs):
         assert fields <= have, f"{parsed['expr']}: {fields - have} not in the stdlib lines"
         checked += 1
     assert checked >= 3
+
+
+@pytest.mark.parametrize(
+    "wrapper",
+    ["filtering", "stdlib", "uncached"],
+    ids=["filtering-bound-logger", "stdlib-bound-logger", "no-logger-cache"],
+)
+def test_structlog_emitter_gives_what_keyword_arguments_give(wrapper: str, tmp_path: Path) -> None:
+    """The backend hands the fields to structlog as a bound logger's context (no keyword
+    copies); the processors receive exactly the event dict ``log.<level>(event, **fields)``
+    gives them, in the same key order, for structlog's own bound loggers, the django-structlog
+    (stdlib) one, and without logger caching."""
+    from conndiag.logbackend import Backend
+
+    seen: list[dict[str, Any]] = []
+
+    def keep(logger: Any, method_name: str, event_dict: dict[str, Any]) -> str:
+        seen.append({"method": method_name, **event_dict})
+        return "x"
+
+    wrapper_class: Any = (
+        structlog.stdlib.BoundLogger
+        if wrapper == "stdlib"
+        else structlog.make_filtering_bound_logger(logging.DEBUG)
+    )
+    sink = (tmp_path / "out.log").open("w")
+    structlog.configure(
+        processors=[structlog.contextvars.merge_contextvars, keep],
+        wrapper_class=wrapper_class,
+        logger_factory=structlog.PrintLoggerFactory(sink),
+        cache_logger_on_first_use=wrapper != "uncached",
+    )
+    try:
+        fields = {"alias": "default", "duration_s": 0.001, "request_id": None}
+        structlog.contextvars.bind_contextvars(request_id="r-1")
+        try:
+            Backend("conndiag").emit("query", logging.INFO, "conndiag.query", dict(fields))
+            Backend("conndiag").emit("query", logging.INFO, "conndiag.query", dict(fields))
+            structlog.get_logger("conndiag.query").info("conndiag.query", **fields)
+        finally:
+            structlog.contextvars.clear_contextvars()
+    finally:
+        structlog.reset_defaults()
+        sink.close()
+    assert len(seen) == 3
+    assert seen[0] == seen[1] == seen[2]
+    assert list(seen[0]) == list(seen[2])
+    assert seen[0]["method"] == "info"
+    assert seen[0]["request_id"] is None  # the event's own field wins over the context's
