@@ -14,11 +14,11 @@ import random
 import re
 import threading
 import time
-from contextvars import ContextVar
+from contextvars import ContextVar, Token
 from typing import TYPE_CHECKING, Any
 
 from structlog import is_configured as structlog_configured
-from structlog.contextvars import bind_contextvars, reset_contextvars
+from structlog.contextvars import bind_contextvars
 
 from . import process, threads
 from .conf import get_config
@@ -167,7 +167,7 @@ class RequestScope:
             rid = None if raw is None else clean_request_id(raw)
             if rid is None:
                 # 128 random bits: unique, not secret (random is reseeded after fork).
-                rid = f"{random.getrandbits(128):032x}"
+                rid = random.getrandbits(128).to_bytes(16, "big").hex()  # 32 hex digits
             self._request_id = rid
         return rid
 
@@ -268,6 +268,33 @@ def _resolve(environ: dict[str, Any]) -> Any:
         return None
 
 
+#: structlog's context variable for ``request_id`` (``bind_contextvars`` makes it once and
+#: keeps it for the life of the process), known after the first bind
+_request_id_var: ContextVar[Any] | None = None
+
+
+def _bind_request_id(request_id: str) -> Token[Any]:
+    """``structlog.contextvars.bind_contextvars(request_id=...)``, then set on its variable
+    directly: one ``ContextVar.set`` per request instead of a call with keyword arguments
+    and a loop over them (and the same for the reset, :func:`_unbind`)."""
+    global _request_id_var
+    var = _request_id_var
+    if var is None:
+        token: Token[Any] = bind_contextvars(request_id=request_id)["request_id"]
+        _request_id_var = token.var
+        return token
+    return var.set(request_id)
+
+
+def _unbind(token: Token[Any]) -> None:
+    """Put the request id's variable back as it was before the request (structlog's
+    ``reset_contextvars``, for one variable)."""
+    try:
+        token.var.reset(token)
+    except ValueError:  # the token belongs to another context: just unbind
+        token.var.set(Ellipsis)  # structlog's "not bound"
+
+
 #: called at the end of every request, after the scope is closed, with
 #: ``time.perf_counter()`` (install.py sets it to the metrics' push: one receiver does
 #: both, saving a signal dispatch per request)
@@ -299,7 +326,7 @@ def _open(environ: Any, scope: Any) -> None:
     if environ is not None:
         rs = RequestScope(info, environ)
         if structlog_configured():
-            rs._log_tokens = bind_contextvars(request_id=rs.request_id)
+            rs._log_tokens = _bind_request_id(rs.request_id)
     else:
         rs = RequestScope(info)
         if isinstance(scope, dict):
@@ -333,10 +360,10 @@ def _close() -> None:
         owner = rs.thread
         if owner.scope is rs:
             owner.scope = None
-        tokens = rs._log_tokens
-        if tokens is not None:
+        token = rs._log_tokens
+        if token is not None:
             rs._log_tokens = None
-            reset_contextvars(**tokens)
+            _unbind(token)
     if in_context is not None:
         _current.set(None)
     hook = after_request
