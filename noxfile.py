@@ -91,3 +91,11 @@ def bench(session: nox.Session) -> None:
     """The overhead benchmark against bare Django (tests/benchmark.py)."""
     install(session, MAIN_DJANGO, "test")
     session.run("python", "tests/benchmark.py", *session.posargs)
+
+
+@nox.session(python=MAIN_PYTHON)
+def instructions(session: nox.Session) -> None:
+    """The same overhead in CPU instructions, under callgrind (tests/benchmark_instructions.py;
+    needs valgrind): reproducible on a busy machine, for before/after comparisons."""
+    install(session, MAIN_DJANGO, "test")
+    session.run("python", "tests/benchmark_instructions.py", *session.posargs)

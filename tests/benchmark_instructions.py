@@ -46,7 +46,14 @@ WORKLOADS = {
     "orm-request": (30, "query"),
     "request": (300, "request"),
 }
-DEFAULT_VARIANTS = ("bare", "noop-wrapper", "defaults", "structlog-info", "stdlib-info", "json-fast")
+DEFAULT_VARIANTS = (
+    "bare",
+    "noop-wrapper",
+    "defaults",
+    "structlog-info",
+    "stdlib-info",
+    "json-fast",
+)
 
 
 def child(variant: str, workload: str, vendor: str, n: int) -> None:
@@ -105,7 +112,7 @@ def count(variant: str, workload: str, vendor: str) -> float:
     # One hash seed for every run: dict and set layouts (hence their probe counts) do not
     # vary from one process to the next.
     env = {**os.environ, "PYTHONHASHSEED": "0"}
-    proc = subprocess.Popen(  # noqa: S603 - our own command line
+    proc = subprocess.Popen(
         cmd,
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
@@ -118,8 +125,8 @@ def count(variant: str, workload: str, vendor: str) -> float:
         line = proc.stdout.readline().strip()
         if line != "READY":
             raise RuntimeError(f"{variant}/{workload}: the child said {line!r}: {proc.stderr}")
-        subprocess.run(  # noqa: S603
-            ["callgrind_control", "-i", "on", str(proc.pid)],  # noqa: S607
+        subprocess.run(
+            ["callgrind_control", "-i", "on", str(proc.pid)],
             check=True,
             capture_output=True,
         )
@@ -166,9 +173,7 @@ def main() -> None:
         for workload in args.workloads.split(",")
         if not (workload == "request" and vendor != "sqlite")  # an empty request is vendorless
     ]
-    jobs = {
-        (row, v): (v, row[1], row[0]) for row in rows for v in variants
-    }  # one process each
+    jobs = {(row, v): (v, row[1], row[0]) for row in rows for v in variants}  # one process each
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         futures = {key: pool.submit(count, *params) for key, params in jobs.items()}
         results = {key: future.result() for key, future in futures.items()}
