@@ -23,6 +23,7 @@ from structlog.contextvars import bind_contextvars
 from . import process, threads
 from .conf import get_config
 from .contain import contained_inline, internal_error
+from .exceptions import ConnDiagError
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -247,11 +248,19 @@ class RequestScope:
 
 
 def _wsgi_path(environ: dict[str, Any]) -> tuple[str, str]:
-    """``(path, path_info)`` of a WSGI environ, as Django's ``WSGIRequest`` computes them."""
+    """``(path, path_info)`` of a WSGI environ, as Django's ``WSGIRequest`` computes them.
+
+    Never raises (a report is being written: a refusal's message must not fail): an environ
+    Django could not decode gives its raw ``PATH_INFO``, which :func:`clean_path` escapes.
+    """
     from django.core.handlers.wsgi import get_path_info, get_script_name
 
-    path_info = get_path_info(environ) or "/"
-    script_name = get_script_name(environ)
+    try:
+        path_info = get_path_info(environ) or "/"
+        script_name = get_script_name(environ)
+    except Exception:
+        raw = str(environ.get("PATH_INFO") or "/")
+        return raw, raw
     # As WSGIRequest.__init__: the path is the script name (without its trailing slash)
     # followed by the path info.
     path = "{}/{}".format(script_name.rstrip("/"), path_info.replace("/", "", 1))
@@ -259,12 +268,13 @@ def _wsgi_path(environ: dict[str, Any]) -> tuple[str, str]:
 
 
 def _resolve(environ: dict[str, Any]) -> Any:
-    """The ``ResolverMatch`` of a WSGI request's path, or None (no match, or it failed)."""
-    from django.urls import Resolver404, get_resolver
+    """The ``ResolverMatch`` of a WSGI request's path, or None (no match, or resolving
+    failed: a report must not fail for it)."""
+    from django.urls import get_resolver
 
     try:
         return get_resolver().resolve(_wsgi_path(environ)[1])
-    except Resolver404:
+    except Exception:  # Resolver404, or a broken URLconf: the view is unknown
         return None
 
 
@@ -316,6 +326,8 @@ def on_request_started(
     """
     try:
         _open(environ, scope)
+    except ConnDiagError:
+        raise  # a decision, not a failure (contain.py): none is taken here today
     except Exception as exc:
         internal_error("scope.request_started", exc)
 
@@ -345,6 +357,8 @@ def on_request_finished(sender: object, **kwargs: Any) -> None:
     """
     try:
         _close()
+    except ConnDiagError:
+        raise  # a decision, not a failure (contain.py): none is taken here today
     except Exception as exc:
         internal_error("scope.request_finished", exc)
 

@@ -68,3 +68,15 @@ def test_sane_header_is_used_as_request_id(events):
     """A sane X-Request-ID is the request id of every query event of that request."""
     wsgi_get("/sync/", headers={"X-Request-ID": "req-42"})
     assert {e["request_id"] for e in of(events, "conndiag.query")} == {"req-42"}
+
+
+def test_a_wsgi_scope_never_fails_a_report():
+    """A path Django cannot decode (not latin-1, against PEP 3333) or that no URL pattern
+    matches still gives a path and no view: a refusal's message is never broken by them."""
+    rs = scope.RequestScope(threads.current(), {"REQUEST_METHOD": "GET", "PATH_INFO": "/\u20ac/x"})
+    assert rs.path == "/\u20ac/x"
+    assert rs.view_name() is None
+    assert "GET /\u20ac/x" in rs.describe()
+    unknown = scope.RequestScope(threads.current(), {"REQUEST_METHOD": "GET", "PATH_INFO": "/no/"})
+    assert unknown.view_name() is None
+    assert unknown.path == "/no/"
