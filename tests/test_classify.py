@@ -161,9 +161,11 @@ def test_sync_view_awaiting_to_thread_work_is_cross_thread_not_detached(alias, e
     assert wsgi_json("/sync-awaits-to-thread/", f"db={alias}") == {"threads": ["ok", "ok"]}
     assert not of(events, "conndiag.query.refused")
     flagged = of(events, "conndiag.query.flagged")
-    # Two writes; Django 6.0+ may first read the server's version on a temporary connection
-    # of the same thread, one more (cross_thread) query.
-    assert 2 <= len(flagged) <= 3
+    # Two writes, on two worker threads; Django 6.0+ may first read the server's version on
+    # a temporary connection of the same thread: one more (cross_thread) query on each
+    # thread whose connection has not read it yet (whether the executor's threads are new
+    # depends on the tests before).
+    assert 2 <= len(flagged) <= 4
     assert {e["context"] for e in flagged} == {"cross_thread"}
     assert {e["request_path"] for e in flagged} == {"/sync-awaits-to-thread/"}
     assert Item.objects.using(alias).count() == 2
