@@ -72,15 +72,15 @@ _reporter: Reporter = _fallback
 GUARDED: list[tuple[str, Callable[..., Any]]] = []
 
 
-#: every entry point contained inline, as (component, entry point, module, name of the
-#: body the entry point calls inside its ``try``): tests/test_faults.py replaces the body
-INLINE: list[tuple[str, Callable[..., Any], str, str]] = []
+#: every step contained inline, as (component, module, name of the body its entry point
+#: calls inside its ``try``): tests/test_faults.py replaces the body
+INLINE: list[tuple[str, str, str]] = []
 
 
-def contained_inline(component: str, entry: Callable[..., Any], module: str, body: str) -> None:
-    """Register ``entry``, which calls ``module.body`` inside ``try`` / ``except Exception``
-    reporting to :func:`internal_error` as ``component`` (see the module docstring)."""
-    INLINE.append((component, entry, module, body))
+def contained_inline(component: str, module: str, body: str) -> None:
+    """Register ``module.body``, called inside ``try`` / ``except Exception`` that reports
+    to :func:`internal_error` as ``component`` (see the module docstring)."""
+    INLINE.append((component, module, body))
 
 
 def set_reporter(reporter: Reporter) -> None:

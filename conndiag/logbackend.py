@@ -214,15 +214,14 @@ class Backend:
                 getattr(proxy, name)(event, **fields)
 
             return emit_uncached
+        # conndiag's proxies carry no initial values: the bound logger's context is empty,
+        # so the fields are the whole context.
         bound = proxy.bind()
         cls, logger, processors = type(bound), bound._logger, bound._processors
         level_method = getattr(cls, name)
-        initial = dict(bound._context)
 
         def emit_cached(event: str, fields: dict[str, Any]) -> None:
-            level_method(
-                cls(logger, processors, {**initial, **fields} if initial else fields), event
-            )
+            level_method(cls(logger, processors, fields), event)
 
         self._sl_bound[(family, level_no)] = emit_cached
         return emit_cached

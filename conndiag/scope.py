@@ -80,7 +80,7 @@ class RequestScope:
         "__weakref__",
         "_environ",
         "_header_key",
-        "_log_tokens",
+        "_log_token",
         "_method",
         "_path",
         "_raw_path",
@@ -105,7 +105,7 @@ class RequestScope:
         self._path: str | None = None
         self._raw_path: str | None = None
         self.view: str | None = None
-        self._log_tokens: Any = None
+        self._log_token: Token[Any] | None = None
 
     @property
     def method(self) -> str | None:
@@ -198,6 +198,8 @@ class RequestScope:
     def finish(self, now: float | None = None) -> None:
         """The request is over (at ``now``, a ``time.perf_counter()`` value)."""
         if self.finished is None:
+            if self._request_id is None and self._rid_raw is _UNREAD:
+                self._rid_raw = self._header_value()  # read now: the request goes below
             request = self._request
             if request is not None:
                 # Keep what later events may need; drop the request itself.
@@ -206,17 +208,12 @@ class RequestScope:
                     self._method = request.method
                 if self._path is None:
                     self._raw_path = request.path
-                key = self._header_key
-                if self._request_id is None and self._rid_raw is _UNREAD and key is not None:
-                    self._rid_raw = request.META.get(key)
                 self._request = None
             else:
                 environ = self._environ
                 if environ is not None:
                     # Keep what later events may need (read lazily, as above); drop the
                     # environ, which holds the server's objects for this request.
-                    if self._request_id is None and self._rid_raw is _UNREAD:
-                        self._rid_raw = self._header_value()
                     get = environ.get
                     self._environ = {
                         "REQUEST_METHOD": get("REQUEST_METHOD"),
@@ -338,7 +335,7 @@ def _open(environ: Any, scope: Any) -> None:
     if environ is not None:
         rs = RequestScope(info, environ)
         if structlog_configured():
-            rs._log_tokens = _bind_request_id(rs.request_id)
+            rs._log_token = _bind_request_id(rs.request_id)
     else:
         rs = RequestScope(info)
         if isinstance(scope, dict):
@@ -374,9 +371,9 @@ def _close() -> None:
         owner = rs.thread
         if owner.scope is rs:
             owner.scope = None
-        token = rs._log_tokens
+        token = rs._log_token
         if token is not None:
-            rs._log_tokens = None
+            rs._log_token = None
             _unbind(token)
     if in_context is not None:
         _current.set(None)
@@ -385,8 +382,8 @@ def _close() -> None:
         hook(now)
 
 
-contained_inline("scope.request_started", on_request_started, __name__, "_open")
-contained_inline("scope.request_finished", on_request_finished, __name__, "_close")
+contained_inline("scope.request_started", __name__, "_open")  # on_request_started
+contained_inline("scope.request_finished", __name__, "_close")  # on_request_finished
 
 
 def enter(rs: RequestScope) -> Any:

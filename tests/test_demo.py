@@ -429,14 +429,13 @@ def _runner_env(tmp_path: Path) -> dict[str, str]:
     return env
 
 
-@pytest.mark.slow
-def test_demo_once_cleans_up(tmp_path: Path) -> None:
-    """``--once`` prints the summary and exits; no process and no metrics dir are left behind."""
-    port = runner.free_port()
-    proc = subprocess.run(
+def _run_once(tmp_path: Path, port: int, *args: str) -> subprocess.CompletedProcess[str]:
+    """``runner.py [args] --once`` with 2 workers and a burst of 24 requests on ``port``."""
+    return subprocess.run(
         [
             sys.executable,
             str(SITE / "demo" / "runner.py"),
+            *args,
             "--once",
             "--port",
             str(port),
@@ -452,6 +451,13 @@ def test_demo_once_cleans_up(tmp_path: Path) -> None:
         timeout=180,
         check=False,
     )
+
+
+@pytest.mark.slow
+def test_demo_once_cleans_up(tmp_path: Path) -> None:
+    """``--once`` prints the summary and exits; no process and no metrics dir are left behind."""
+    port = runner.free_port()
+    proc = _run_once(tmp_path, port)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert f"http://127.0.0.1:{port}/metrics" in proc.stdout
     assert "conndiag.query.refused in the log:" in proc.stdout
@@ -475,27 +481,7 @@ def test_demo_uwsgi_behind_nginx_once(tmp_path: Path) -> None:
     workers) agrees with the log's refusals; every process and temporary directory is gone."""
     require_tool("nginx", "nginx")
     port = runner.free_port()
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(SITE / "demo" / "runner.py"),
-            "--server",
-            "uwsgi",
-            "--once",
-            "--port",
-            str(port),
-            "--workers",
-            "2",
-            "--requests",
-            "24",
-        ],
-        env=_runner_env(tmp_path),
-        cwd=str(REPO),
-        capture_output=True,
-        text=True,
-        timeout=180,
-        check=False,
-    )
+    proc = _run_once(tmp_path, port, "--server", "uwsgi")
     out = proc.stdout
     assert proc.returncode == 0, out + proc.stderr
     assert "starting uWSGI (2 processes x 4 threads, master, lazy-apps) behind Nginx" in out
